@@ -1,0 +1,26 @@
+# The two commands of the README. Each creates .venv and installs the
+# package into it on first use (and again when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: train test benchmark clean
+
+train: $(STAMP)
+	$(PY) -m allconv_jax.main --config=configs/digits.py --workdir=workdirs/digits
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) workdirs

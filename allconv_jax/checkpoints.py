@@ -1,0 +1,158 @@
+"""Orbax checkpoints of a run: the latest few and the best by test accuracy.
+
+Layout under ``<workdir>/checkpoints``::
+
+  latest/<step>/{state,meta}   every epoch, the last `keep` kept
+  best/<step>/{state,meta}     the one with the highest test accuracy
+
+``state`` is the train state as a plain nested dict of arrays
+(`flax.serialization.to_state_dict`), ``meta`` a JSON object with the
+architecture, the epoch and the best accuracy so far. A checkpoint is checked
+against the network it is restored into before any array is read, so a
+checkpoint of another architecture is a one-line error, not a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from allconv_jax.errors import UserError
+
+# The meta fields that must match for a checkpoint to fit a network.
+ARCHITECTURE_FIELDS = ('model', 'num_classes', 'width', 'batch_norm')
+
+
+def _manager(directory: str, best: bool, keep: int = 3, create: bool = True
+             ) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1 if best else keep, create=create,
+      best_fn=(lambda m: m['test_accuracy']) if best else None,
+      best_mode='max')
+  # Naming the handlers lets a fresh process read item metadata (shapes)
+  # before restoring anything.
+  handlers = {'state': ocp.StandardCheckpointHandler(),
+              'meta': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+class Checkpoints:
+  """The latest and best checkpoints of one workdir."""
+
+  def __init__(self, workdir: str, keep: int = 3):
+    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.latest_dir = os.path.join(root, 'latest')
+    self.best_dir = os.path.join(root, 'best')
+    self._keep = keep
+    self._latest = self._best = None
+
+  def _open(self):
+    # Created lazily so that merely looking at a workdir writes nothing.
+    if self._latest is None:
+      self._latest = _manager(self.latest_dir, best=False, keep=self._keep)
+      self._best = _manager(self.best_dir, best=True)
+
+  def save(self, step: int, state: Any, meta: dict, test_accuracy: float,
+           is_best: bool) -> None:
+    """Saves `state` as the latest and, if `is_best`, as the best."""
+    self._open()
+    tree = serialization.to_state_dict(state)
+    args = lambda: ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                      meta=ocp.args.JsonSave(meta))
+    self._latest.save(step, args=args(), force=True)
+    if is_best:
+      self._best.save(step, args=args(), metrics={'test_accuracy': test_accuracy},
+                      force=True)
+
+  def wait(self) -> None:
+    """Blocks until every save has been committed to disk."""
+    if self._latest is not None:
+      self._latest.wait_until_finished()
+      self._best.wait_until_finished()
+
+  def close(self) -> None:
+    if self._latest is not None:
+      self._latest.close()
+      self._best.close()
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest committed step in `directory`, or None if there is none."""
+  if not os.path.isdir(directory):
+    return None
+  return _manager(directory, best=False, create=False).latest_step()
+
+
+def restore(directory: str, template: Any, expected_meta: dict | None = None,
+            step: int | None = None) -> tuple[Any, dict]:
+  """Restores a state saved by `Checkpoints.save` into the shape of `template`.
+
+  Args:
+    directory: ``checkpoints/latest`` or ``checkpoints/best`` of a workdir.
+    template: a state of the network to restore into (arrays or shapes).
+    expected_meta: architecture fields the checkpoint must match.
+    step: which step; the newest if None.
+
+  Returns:
+    (state, meta).
+
+  Raises:
+    UserError: no checkpoint, or one whose architecture or parameter shapes
+      differ from `template`; the message names the first difference.
+  """
+  step = latest_step(directory) if step is None else step
+  if step is None:
+    raise UserError(f'checkpoint: no checkpoint in {directory}')
+  manager = _manager(directory, best=False, create=False)
+  meta = manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
+  for field in ARCHITECTURE_FIELDS:
+    if expected_meta and field in expected_meta and meta.get(field) != expected_meta[field]:
+      raise UserError(
+          f'{field}: the checkpoint in {directory} has {field}={meta.get(field)!r} '
+          f'but the config asks for {expected_meta[field]!r}; use another workdir '
+          f'or the same {field}')
+  want = serialization.to_state_dict(template)
+  have = manager.item_metadata(step)['state'].tree
+  check_compatible(want, have, directory)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, want)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))['state']
+  return serialization.from_state_dict(template, restored), meta
+
+
+def check_compatible(want: Any, have: Any, source: str) -> None:
+  """Raises a `UserError` naming the first path where two trees differ.
+
+  Args:
+    want: nested dict of arrays (or shape-carrying leaves) expected.
+    have: nested dict of arrays or orbax `ArrayMetadata` found.
+    source: where `have` comes from, for the message.
+  """
+  want_flat = dict(_flatten(want))
+  have_flat = dict(_flatten(have))
+  for path, leaf in want_flat.items():
+    if path not in have_flat:
+      raise UserError(f'checkpoint: {source} has no parameter {path}; it '
+                      f'belongs to another architecture')
+    if tuple(np.shape(leaf)) != tuple(have_flat[path].shape):
+      raise UserError(
+          f'checkpoint: {path} has shape {tuple(have_flat[path].shape)} in '
+          f'{source} but {tuple(np.shape(leaf))} in this network')
+  for path in have_flat:
+    if path not in want_flat:
+      raise UserError(f'checkpoint: {source} has parameter {path} that this '
+                      f'network does not have; it belongs to another architecture')
+
+
+def _flatten(tree: Any, prefix: str = ''):
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      yield from _flatten(value, f'{prefix}/{key}' if prefix else str(key))
+  elif tree is not None:
+    yield prefix, tree

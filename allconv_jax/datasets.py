@@ -1,0 +1,229 @@
+"""Loads a whole dataset into memory as uint8 NHWC images and int32 labels.
+
+CIFAR-10/100 go through the real tensorflow-datasets builders; ``digits`` is
+scikit-learn's bundled 8x8 digits set, upsampled to 32x32 RGB so that it can
+stand in for CIFAR on a machine with neither network nor the CIFAR archives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+import socket
+import tempfile
+import urllib.parse
+import urllib.request
+
+import numpy as np
+
+from allconv_jax.errors import UserError
+
+NAMES = ('cifar10', 'cifar100', 'digits')
+
+# The official archives, as registered in tfds' checksum files.
+_CIFAR_URLS = {
+    'cifar10': 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz',
+    'cifar100': 'https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray  # uint8, (N, 32, 32, 3), NHWC
+  labels: np.ndarray  # int32, (N,), values 0..num_classes-1
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  name: str
+  train: Split
+  test: Split
+  class_names: tuple[str, ...]  # after subsetting, in new label order
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+def load(config) -> Dataset:
+  """Loads the dataset described by the `dataset` sub-config into memory.
+
+  Args:
+    config: A ConfigDict with fields `name` (one of `NAMES`), `data_dir`
+      (tfds data dir, or None for tfds' default), `archive` (path to a local
+      copy of the official CIFAR binary archive, or None to download; not
+      needed, and not read, once the dataset is prepared in `data_dir`),
+      `classes` (None/'' for all, or class names and/or indices as a list or
+      a comma-separated string) and `label` ('fine' or 'coarse'; 'coarse' is
+      the 20 superclasses of cifar100).
+
+  Returns:
+    The dataset, restricted to `classes` and relabelled 0..k-1 in that order.
+
+  Raises:
+    UserError: For an unknown name, label or class, a missing or non-official
+      archive, or CIFAR data that is neither prepared nor downloadable.
+  """
+  name = config.name
+  if name not in NAMES:
+    raise UserError(
+        f'dataset.name: unknown dataset {name!r}; allowed: {", ".join(NAMES)}'
+    )
+  label = config.get('label') or 'fine'
+  allowed_labels = ('fine', 'coarse') if name == 'cifar100' else ('fine',)
+  if label not in allowed_labels:
+    only = ' is only for cifar100' if label == 'coarse' else ' is unknown'
+    raise UserError(
+        f'dataset.label: {label!r}{only}; allowed: {", ".join(allowed_labels)}'
+    )
+  if name == 'digits':
+    train, test, class_names = _load_digits()
+  else:
+    train, test, class_names = _load_cifar(
+        name, config.get('data_dir') or None, config.get('archive'), label
+    )
+  return _subset(name, train, test, class_names, config.get('classes'))
+
+
+def _load_digits() -> tuple[Split, Split, tuple[str, ...]]:
+  # Imported here so that importing this module stays cheap.
+  import scipy.ndimage
+  import sklearn.datasets
+  import sklearn.model_selection
+
+  digits = sklearn.datasets.load_digits()
+  # Smooth (bilinear) upsampling; it never overshoots, so values stay 0..16.
+  images = scipy.ndimage.zoom(digits.images, (1, 4, 4), order=1)
+  images = np.round(images * (255 / 16)).clip(0, 255).astype(np.uint8)
+  images = np.repeat(images[..., None], 3, axis=-1)
+  labels = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = sklearn.model_selection.train_test_split(
+      images, labels, test_size=0.25, stratify=labels, random_state=0
+  )
+  class_names = tuple(str(i) for i in range(10))
+  return Split(x_train, y_train), Split(x_test, y_test), class_names
+
+
+def _load_cifar(
+    name: str, data_dir: str | None, archive: str | None, label: str
+) -> tuple[Split, Split, tuple[str, ...]]:
+  # Imported here because importing TensorFlow takes seconds.
+  import requests
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.download import download_manager
+
+  url = _CIFAR_URLS[name]
+  archive_name = os.path.basename(url)
+  if archive and not os.path.isfile(archive):
+    raise UserError(f'dataset.archive: no such file: {archive}')
+
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    if not archive and not _reachable(url):
+      # tfds retries a failed download for minutes before giving up.
+      raise _not_downloadable(name, builder.data_dir, archive_name)
+    with tempfile.TemporaryDirectory() as tmp:
+      if archive:
+        # tfds takes a file from manual_dir, instead of downloading it, when
+        # its name is the URL's file name; it still verifies the checksum.
+        os.symlink(os.path.abspath(archive), os.path.join(tmp, archive_name))
+      download_config = tfds.download.DownloadConfig(
+          manual_dir=tmp,
+          # The extracted files are useless once the dataset is prepared.
+          extract_dir=os.path.join(tmp, 'extracted'),
+          try_download_gcs=False,
+      )
+      try:
+        builder.download_and_prepare(download_config=download_config)
+      except download_manager.NonMatchingChecksumError as e:
+        if not archive:  # A download that came back corrupted.
+          raise UserError(f'dataset.archive: download of {url} is corrupt; '
+                          f'pass --config.dataset.archive=<path to '
+                          f'{archive_name}>') from e
+        raise UserError(
+            f'dataset.archive: {archive} is not the official {archive_name} '
+            '(checksum mismatch)'
+        ) from e
+      except requests.RequestException as e:
+        raise _not_downloadable(name, builder.data_dir, archive_name) from e
+
+  feature = 'coarse_label' if label == 'coarse' else 'label'
+  splits = []
+  for split in ('train', 'test'):
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    splits.append(
+        Split(data['image'].astype(np.uint8), data[feature].astype(np.int32))
+    )
+  class_names = tuple(builder.info.features[feature].names)
+  return splits[0], splits[1], class_names
+
+
+def _reachable(url: str) -> bool:
+  if urllib.request.getproxies():
+    return True  # Only the proxy knows; let tfds try.
+  host = urllib.parse.urlparse(url).hostname
+  try:
+    socket.create_connection((host, 443), timeout=10).close()
+    return True
+  except OSError:
+    return False
+
+
+def _not_downloadable(name: str, data_dir: str, archive_name: str) -> UserError:
+  return UserError(
+      f'dataset.archive: {name} is not prepared in {data_dir} and could not '
+      f'be downloaded; pass --config.dataset.archive=<path to {archive_name}>'
+  )
+
+
+def _subset(
+    name: str,
+    train: Split,
+    test: Split,
+    class_names: tuple[str, ...],
+    classes,
+) -> Dataset:
+  if classes is None or classes == '':
+    return Dataset(name, train, test, class_names)
+  if isinstance(classes, str):
+    # As typed on a command line: 'apple,bear' or '0,3,5'.
+    classes = [c.strip() for c in classes.split(',')]
+
+  chosen = [_class_index(name, c, class_names) for c in classes]
+  for i, index in enumerate(chosen):
+    if index in chosen[:i]:
+      raise UserError(
+          f'dataset.classes: class {class_names[index]!r} is given twice; '
+          'each class may appear once'
+      )
+  # new_label[old] is the position of `old` in `chosen`, or -1 if dropped.
+  new_label = np.full(len(class_names), -1, np.int32)
+  new_label[chosen] = np.arange(len(chosen), dtype=np.int32)
+
+  def keep(split: Split) -> Split:
+    labels = new_label[split.labels]
+    mask = labels >= 0
+    return Split(split.images[mask], labels[mask])
+
+  names = tuple(class_names[i] for i in chosen)
+  return Dataset(name, keep(train), keep(test), names)
+
+
+def _class_index(name: str, cls, class_names: tuple[str, ...]) -> int:
+  """Resolves a class name, or an index given as int or digit string."""
+  if isinstance(cls, str) and cls in class_names:
+    return class_names.index(cls)
+  if isinstance(cls, str) and cls.isdigit():
+    cls = int(cls)
+  if isinstance(cls, numbers.Integral) and not isinstance(cls, bool):
+    if 0 <= cls < len(class_names):
+      return int(cls)
+    raise UserError(
+        f'dataset.classes: index {cls} out of range for {name}; '
+        f'allowed: 0..{len(class_names) - 1} or a class name'
+    )
+  raise UserError(
+      f'dataset.classes: unknown class {cls!r} for {name}; '
+      f'allowed: {", ".join(class_names)}'
+  )

@@ -1,0 +1,179 @@
+"""Preprocessing, batching and on-device augmentation.
+
+The raw splits come from `allconv_jax.datasets` as uint8 arrays in memory.
+Here they are turned into float32 once (per-channel standardization, and
+optionally global contrast normalization + ZCA whitening fitted on the
+training split only), cut into batches whose order is a pure function of
+(seed, step), and augmented inside the jitted train step (random translation
+by pad-and-crop, horizontal flip) from a key that is also a function of
+(seed, step). A run resumed at step s therefore sees exactly the batches an
+uninterrupted run sees from step s on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from allconv_jax.errors import UserError
+
+PREPROCESS_FILE = 'preprocess.npz'
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessor:
+  """A fitted image transform: optional GCN + ZCA, then standardization.
+
+  Attributes:
+    zca: (D, D) whitening matrix on GCN'd flattened images, or None.
+    zca_mean: (D,) mean subtracted before whitening, or None.
+    gcn_scale: target norm scale of global contrast normalization.
+    mean: (C,) per-channel mean subtracted last (zeros when off).
+    std: (C,) per-channel std divided last (ones when off).
+  """
+  zca: np.ndarray | None
+  zca_mean: np.ndarray | None
+  gcn_scale: float
+  mean: np.ndarray
+  std: np.ndarray
+
+  @classmethod
+  def fit(cls, images: np.ndarray, *, standardize: bool = True,
+          gcn_zca: bool = False, zca_epsilon: float = 0.01,
+          gcn_scale: float = 55.0) -> 'Preprocessor':
+    """Fits the transform on the training images (uint8, NHWC)."""
+    x = images.astype(np.float32)
+    zca = zca_mean = None
+    if gcn_zca:
+      flat = _gcn(x.reshape(len(x), -1), gcn_scale)
+      zca_mean = flat.mean(axis=0)
+      centered = flat - zca_mean
+      cov = centered.T @ centered / len(centered)
+      u, s, _ = np.linalg.svd(cov.astype(np.float64))
+      zca = ((u / np.sqrt(s + zca_epsilon)) @ u.T).astype(np.float32)
+      x = ((centered @ zca)).reshape(x.shape)
+    channels = x.shape[-1]
+    if standardize:
+      mean = x.mean(axis=(0, 1, 2))
+      std = x.std(axis=(0, 1, 2)) + 1e-6
+    else:
+      mean, std = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    return cls(zca, zca_mean, gcn_scale, mean.astype(np.float32),
+               std.astype(np.float32))
+
+  def __call__(self, images: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Maps uint8 NHWC images to float32, in chunks to bound memory."""
+    out = np.empty(images.shape, np.float32)
+    for i in range(0, len(images), chunk):
+      x = images[i:i + chunk].astype(np.float32)
+      if self.zca is not None:
+        flat = _gcn(x.reshape(len(x), -1), self.gcn_scale) - self.zca_mean
+        x = (flat @ self.zca).reshape(x.shape)
+      out[i:i + chunk] = (x - self.mean) / self.std
+    return out
+
+  def save(self, path: str) -> None:
+    """Writes the transform so that evaluation applies the same one."""
+    arrays = dict(mean=self.mean, std=self.std, gcn_scale=self.gcn_scale)
+    if self.zca is not None:
+      arrays.update(zca=self.zca, zca_mean=self.zca_mean)
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # Atomic: a crash never leaves half a file.
+
+  @classmethod
+  def load(cls, path: str) -> 'Preprocessor':
+    """Reads a transform written by `save`."""
+    try:
+      with np.load(path) as f:
+        return cls(f['zca'] if 'zca' in f else None,
+                   f['zca_mean'] if 'zca_mean' in f else None,
+                   float(f['gcn_scale']), f['mean'], f['std'])
+    except (OSError, KeyError, ValueError) as e:
+      raise UserError(f'workdir: cannot read the preprocessing file {path} '
+                      f'({type(e).__name__}); delete it to refit') from None
+
+
+def _gcn(flat: np.ndarray, scale: float) -> np.ndarray:
+  """Global contrast normalization: zero mean, fixed norm, per image."""
+  flat = flat - flat.mean(axis=1, keepdims=True)
+  norm = np.sqrt((flat ** 2).mean(axis=1, keepdims=True))
+  return scale * flat / np.maximum(norm, 1e-8)
+
+
+class TrainBatches:
+  """Training batch indices as a pure function of (seed, step).
+
+  Each epoch is a fresh permutation drawn from (seed, epoch); the last
+  incomplete batch of an epoch is dropped so every step has the same shape.
+  """
+
+  def __init__(self, num_examples: int, batch_size: int, seed: int):
+    if batch_size > num_examples:
+      raise UserError(f'batch_size: {batch_size} is larger than the '
+                      f'{num_examples} training examples')
+    self.num_examples = num_examples
+    self.batch_size = batch_size
+    self.seed = seed
+    self.steps_per_epoch = num_examples // batch_size
+    self._epoch, self._perm = -1, None
+
+  def indices(self, step: int) -> np.ndarray:
+    """Returns the example indices of the global batch of `step`."""
+    epoch, i = divmod(step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      self._epoch, self._perm = epoch, rng.permutation(self.num_examples)
+    return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def eval_batches(num_examples: int, batch_size: int):
+  """Yields (indices, mask) covering every example once, last batch padded.
+
+  The padding repeats index 0 with mask 0 so every batch has one shape and
+  the evaluation step compiles once.
+  """
+  for start in range(0, num_examples, batch_size):
+    idx = np.arange(start, min(start + batch_size, num_examples))
+    mask = np.ones(batch_size, np.float32)
+    if len(idx) < batch_size:
+      mask[len(idx):] = 0
+      idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
+    yield idx, mask
+
+
+def augment(key: jax.Array, images: jax.Array, *, max_shift: int,
+            flip: bool) -> jax.Array:
+  """Random translation and horizontal flip of a NHWC batch, on device.
+
+  Args:
+    key: PRNG key; the same key gives the same augmented batch.
+    images: (N, H, W, C) float batch.
+    max_shift: largest translation in pixels along each axis; the image is
+      zero-padded (zero is the mean after standardization) and cropped back.
+    flip: mirror each image left-right with probability 1/2.
+
+  Returns:
+    The augmented batch, same shape and dtype.
+  """
+  n, h, w, c = images.shape
+  shift_key, flip_key = jax.random.split(key)
+  if max_shift > 0:
+    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift),
+                              (max_shift, max_shift), (0, 0)))
+    offsets = jax.random.randint(shift_key, (n, 2), 0, 2 * max_shift + 1)
+    crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+    images = jax.vmap(crop)(padded, offsets)
+  if flip:
+    mirror = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+    images = jnp.where(mirror, images[:, :, ::-1, :], images)
+  return images
+
+
+def max_shift_pixels(fraction: float, side: int = 32) -> int:
+  """Translation bound in pixels for a fraction of the image side."""
+  return int(round(fraction * side))

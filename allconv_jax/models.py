@@ -1,0 +1,210 @@
+"""The twelve networks of "Striving for Simplicity: The All Convolutional Net".
+
+Tables 1 and 2 of the paper define three base models and three variants of
+each:
+
+* ``model_a``: 5x5 conv 96, max-pool, 5x5 conv 192, max-pool.
+* ``model_b``: 5x5 conv 96, 1x1 conv 96, max-pool, 5x5 conv 192, 1x1 conv 192,
+  max-pool.
+* ``model_c``: 3x3 conv 96, 3x3 conv 96, max-pool, 3x3 conv 192, 3x3 conv 192,
+  max-pool.
+* ``strided_cnn_X``: the conv before each pool gets stride 2, pooling removed.
+* ``convpool_cnn_X``: an extra 3x3 conv of the same width before each pool.
+* ``all_cnn_X``: each pool replaced by a 3x3 stride-2 conv of the same width.
+
+All share the top: 3x3 conv 192 (VALID), 1x1 conv 192, 1x1 conv num_classes,
+global average pooling over the 6x6 map. Every conv is followed by a ReLU.
+Dropout drops 20% of the input and 50% after each pool (or the layer that
+replaced it). Max-pooling is 3x3/2 with SAME padding so that the spatial size
+goes 32 -> 16 -> 8 -> 6 as in the paper.
+
+Convolutions are named ``conv1``, ``conv2``, ... in input order and the class
+layer ``classifier``; batch norms, when on, are ``bn1``, ``bn2``, ... after the
+conv of the same number. LSUV and transfer learning address layers by these
+names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from allconv_jax.errors import UserError
+
+BASES = ('a', 'b', 'c')
+VARIANTS = ('model', 'strided_cnn', 'convpool_cnn', 'all_cnn')
+NAMES = tuple(f'{v}_{b}' for v in VARIANTS for b in BASES)
+
+INITIALIZERS = {
+    'he_uniform': nn.initializers.he_uniform(),
+    'glorot_normal': nn.initializers.glorot_normal(),
+    'gaussian': nn.initializers.normal(stddev=0.01),
+    'orthogonal': nn.initializers.orthogonal(),
+}
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """One convolution of the feature extractor."""
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: str = 'SAME'
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  """A 3x3 stride-2 max-pool."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Drop:
+  """Dropout with the given rate."""
+  rate: float
+
+
+# The two convolutions of each stage of the base models, per base.
+_STAGE_KERNELS = {'a': (5,), 'b': (5, 1), 'c': (3, 3)}
+
+
+def architecture(name: str, num_classes: int, width: float = 1.0) -> list[Any]:
+  """Returns the layer list of a network.
+
+  Args:
+    name: one of `NAMES`.
+    num_classes: channels of the class layer.
+    width: multiplier on the 96/192 channels (1.0 is the paper's network).
+
+  Returns:
+    A list of `Conv`, `Pool` and `Drop` entries from input to class layer;
+    the class layer is the last `Conv`.
+  """
+  if name not in NAMES:
+    raise UserError(f"model: unknown network {name!r}; allowed: {', '.join(NAMES)}")
+  variant, base = name.rsplit('_', 1)
+  layers: list[Any] = [Drop(0.2)]
+  for stage_width in (96, 192):
+    w = max(1, round(stage_width * width))
+    convs = [Conv(w, k) for k in _STAGE_KERNELS[base]]
+    if variant == 'model':
+      layers += convs + [Pool()]
+    elif variant == 'strided_cnn':
+      layers += convs[:-1] + [dataclasses.replace(convs[-1], stride=2)]
+    elif variant == 'convpool_cnn':
+      layers += convs + [Conv(w, 3), Pool()]
+    else:  # all_cnn
+      layers += convs + [Conv(w, 3, stride=2)]
+    layers.append(Drop(0.5))
+  top = max(1, round(192 * width))
+  layers += [Conv(top, 3, padding='VALID'), Conv(top, 1), Conv(num_classes, 1)]
+  return layers
+
+
+class AllConvNet(nn.Module):
+  """Any of the twelve networks, as a flat sequence of named layers.
+
+  Attributes:
+    layers: the output of `architecture`.
+    dropout: whether to apply the dropout layers in training.
+    batch_norm: batch norm after every hidden conv (not the class layer).
+    class_relu: ReLU on the class layer, as in the paper's tables.
+    dtype: compute dtype; parameters stay float32 and logits are float32.
+    kernel_init: initializer of the conv kernels (biases start at zero).
+    bn_axis_name: mesh axis over which batch-norm statistics are averaged
+      when the model runs inside `shard_map`; None outside it.
+  """
+  layers: Sequence[Any]
+  dropout: bool = True
+  batch_norm: bool = False
+  class_relu: bool = True
+  dtype: Any = jnp.float32
+  kernel_init: Any = INITIALIZERS['he_uniform']
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Maps NHWC images to float32 logits of shape (N, num_classes)."""
+    x = x.astype(self.dtype)
+    convs = [layer for layer in self.layers if isinstance(layer, Conv)]
+    index = 0
+    for layer in self.layers:
+      if isinstance(layer, Drop):
+        if self.dropout:
+          x = nn.Dropout(layer.rate, deterministic=not train)(x)
+      elif isinstance(layer, Pool):
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+      else:
+        index += 1
+        is_classifier = index == len(convs)
+        use_bn = self.batch_norm and not is_classifier
+        x = nn.Conv(
+            layer.features, (layer.kernel, layer.kernel),
+            strides=(layer.stride, layer.stride), padding=layer.padding,
+            use_bias=not use_bn, dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=self.kernel_init,
+            name='classifier' if is_classifier else f'conv{index}')(x)
+        if use_bn:
+          x = nn.BatchNorm(
+              use_running_average=not train, momentum=0.9,
+              dtype=self.dtype, param_dtype=jnp.float32,
+              axis_name=self.bn_axis_name if train else None,
+              name=f'bn{index}')(x)
+        if not is_classifier or self.class_relu:
+          x = nn.relu(x)
+    # Average and softmax in float32 so bfloat16 runs keep an exact loss.
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def create(name: str, num_classes: int = 10, *, width: float = 1.0,
+           dropout: bool = True, batch_norm: bool = False,
+           class_relu: bool = True, dtype: str = 'float32',
+           init: str = 'he_uniform', bn_axis_name: str | None = None
+           ) -> AllConvNet:
+  """Builds one of the twelve networks.
+
+  Args:
+    name: one of `NAMES`, e.g. ``'all_cnn_c'``.
+    num_classes: size of the class layer.
+    width: multiplier on the 96/192 channels; small widths make fast tests.
+    dropout: apply the paper's dropout in training.
+    batch_norm: batch norm after each hidden conv.
+    class_relu: ReLU on the class layer (the paper has one).
+    dtype: ``'float32'`` or ``'bfloat16'`` compute dtype.
+    init: kernel initializer, one of `INITIALIZERS` (``'lsuv'`` starts from
+      ``'orthogonal'``; `allconv_jax.lsuv` rescales it from data).
+    bn_axis_name: see `AllConvNet`.
+
+  Returns:
+    The `AllConvNet` module.
+
+  Raises:
+    UserError: for an unknown name, dtype or initializer, or a class count or
+      width that is not positive.
+  """
+  if num_classes < 1:
+    raise UserError(f'num_classes: must be a positive integer, got {num_classes}')
+  if not width > 0:
+    raise UserError(f'width: must be positive, got {width}')
+  if dtype not in DTYPES:
+    raise UserError(f"dtype: unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+  kernel_init = 'orthogonal' if init == 'lsuv' else init
+  if kernel_init not in INITIALIZERS:
+    allowed = ', '.join([*INITIALIZERS, 'lsuv'])
+    raise UserError(f'init: unknown initializer {init!r}; allowed: {allowed}')
+  return AllConvNet(
+      layers=tuple(architecture(name, num_classes, width)), dropout=dropout,
+      batch_norm=batch_norm, class_relu=class_relu, dtype=DTYPES[dtype],
+      kernel_init=INITIALIZERS[kernel_init], bn_axis_name=bn_axis_name)
+
+
+def summary(model: nn.Module, image_shape=(32, 32, 3)) -> str:
+  """Returns a Keras-style table of layers, output shapes and parameters."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  return nn.tabulate(model, jax.random.key(0), depth=1,
+                     console_kwargs={'width': 120})(x)

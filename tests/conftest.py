@@ -1,0 +1,71 @@
+"""Shared helpers: running the real binary, in a subprocess or in-process."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # For `from configs import ...`.
+
+# Small and quick, but the real network: All-CNN-C at a quarter width, on
+# five of the ten digits (chance is 20%).
+TINY = ['--config=configs/digits.py', '--config.width=0.25',
+        '--config.dataset.classes=0,1,2,3,4']
+
+
+def run_binary(*args, env=None, timeout=600):
+  """Runs `python -m allconv_jax.main ARGS` from the repo root."""
+  full_env = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, '-m', 'allconv_jax.main', *args],
+                        cwd=REPO, capture_output=True, text=True,
+                        env=full_env, timeout=timeout)
+
+
+def run_main(capsys, *args):
+  """Runs the binary's `main` in this process; returns (exit code, stderr).
+
+  Same flag parsing, config loading and error handling as the binary, without
+  paying for a new Python and JAX start-up per case.
+  """
+  from allconv_jax import main  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.unparse_flags()
+  # Each parse defines one flag per --config.<field> override; drop the last
+  # call's so they can be defined again.
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+    delattr(flags.FLAGS, name)
+  cwd, argv = os.getcwd(), sys.argv
+  os.chdir(REPO)
+  # ml_collections reads the --config.<field> overrides from sys.argv.
+  sys.argv = ['allconv', *args]
+  try:
+    flags.FLAGS(sys.argv)
+    try:
+      main.main(['allconv'])
+      code = 0
+    except SystemExit as e:
+      code = e.code
+  finally:
+    os.chdir(cwd)
+    sys.argv = argv
+    flags.FLAGS.unparse_flags()
+  return code, capsys.readouterr().err
+
+
+def snapshot(directory):
+  """Every file below `directory` with its size and modification time."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      st = os.stat(path)
+      out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+@pytest.fixture(scope='session')
+def repo():
+  return REPO

@@ -1,0 +1,127 @@
+"""Preprocessing, batch order, augmentation and the learning-rate schedule."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from allconv_jax import input_pipeline, train
+from allconv_jax.errors import UserError
+from configs import default
+
+
+def _images(n=6, h=32, w=32):
+  # Every pixel distinct, so any flip or shift is recognisable.
+  x = np.arange(n * h * w * 3, dtype=np.float32).reshape(n, h, w, 3)
+  return jnp.asarray(x + 1)  # No zeros: zero marks padding.
+
+
+def test_flip_is_horizontal_and_random():
+  x = _images(32)
+  out = np.asarray(input_pipeline.augment(jax.random.key(0), x, max_shift=0, flip=True))
+  flipped = [np.array_equal(o, np.asarray(i)[:, ::-1]) for o, i in zip(out, x)]
+  same = [np.array_equal(o, np.asarray(i)) for o, i in zip(out, x)]
+  assert all(f or s for f, s in zip(flipped, same))
+  assert 0 < sum(flipped) < len(out)
+
+
+def test_translation_is_bounded_by_max_shift():
+  x = _images(32)
+  shift = 3
+  out = np.asarray(input_pipeline.augment(jax.random.key(1), x, max_shift=shift, flip=False))
+  padded = np.pad(np.asarray(x), ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+  seen = set()
+  for o, p in zip(out, padded):
+    matches = [(dy, dx) for dy in range(2 * shift + 1) for dx in range(2 * shift + 1)
+               if np.array_equal(o, p[dy:dy + 32, dx:dx + 32])]
+    assert len(matches) == 1
+    seen.add(matches[0])
+  assert len(seen) > 5  # Offsets vary across the batch.
+  assert input_pipeline.max_shift_pixels(0.1) == 3
+
+
+def test_same_key_same_batch():
+  x = _images(8)
+  a = input_pipeline.augment(jax.random.key(5), x, max_shift=3, flip=True)
+  b = input_pipeline.augment(jax.random.key(5), x, max_shift=3, flip=True)
+  c = input_pipeline.augment(jax.random.key(6), x, max_shift=3, flip=True)
+  assert jnp.array_equal(a, b) and not jnp.array_equal(a, c)
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+  batches = input_pipeline.TrainBatches(100, 32, seed=3)
+  assert batches.steps_per_epoch == 3
+  epoch0 = np.concatenate([batches.indices(s) for s in range(3)])
+  assert len(set(epoch0.tolist())) == 96  # No repeats within an epoch.
+  # A fresh object (a resumed run) jumping straight to step 4 agrees.
+  again = input_pipeline.TrainBatches(100, 32, seed=3)
+  assert np.array_equal(again.indices(4), batches.indices(4))
+  assert not np.array_equal(batches.indices(3), batches.indices(0))  # New epoch.
+  other = input_pipeline.TrainBatches(100, 32, seed=4)
+  assert not np.array_equal(other.indices(0), batches.indices(0))
+
+
+def test_batch_larger_than_dataset_is_a_user_error():
+  with pytest.raises(UserError, match='batch_size'):
+    input_pipeline.TrainBatches(10, 32, seed=0)
+
+
+def test_eval_batches_cover_every_example_once():
+  seen = []
+  for idx, mask in input_pipeline.eval_batches(10, 4):
+    assert len(idx) == 4
+    seen += idx[mask > 0].tolist()
+  assert seen == list(range(10))
+
+
+def test_standardization_fitted_on_train():
+  rng = np.random.default_rng(0)
+  train_x = rng.integers(0, 256, (200, 8, 8, 3), dtype=np.uint8)
+  pre = input_pipeline.Preprocessor.fit(train_x)
+  out = pre(train_x)
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+  np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1, atol=1e-3)
+
+
+def test_gcn_zca_whitens_and_round_trips_through_a_file(tmp_path):
+  rng = np.random.default_rng(0)
+  # Correlated pixels: a smooth random field plus noise.
+  base = rng.normal(size=(3000, 4, 4, 1)).repeat(2, 1).repeat(2, 2)
+  x = np.clip(128 + 40 * base + 10 * rng.normal(size=(3000, 8, 8, 3)), 0, 255)
+  x = x.astype(np.uint8)
+  pre = input_pipeline.Preprocessor.fit(x, standardize=False, gcn_zca=True,
+                                        zca_epsilon=1e-3)
+  flat = pre(x).reshape(len(x), -1)
+  cov = np.cov(flat, rowvar=False)
+  # Whitened: near-identity covariance (GCN removes one direction, the mean).
+  off_diagonal = cov - np.diag(np.diag(cov))
+  assert np.abs(off_diagonal).max() < 0.1
+  assert np.median(np.diag(cov)) == pytest.approx(1, abs=0.1)
+  path = str(tmp_path / input_pipeline.PREPROCESS_FILE)
+  pre.save(path)
+  np.testing.assert_array_equal(input_pipeline.Preprocessor.load(path)(x[:5]), pre(x[:5]))
+
+
+def test_piecewise_schedule_at_epoch_boundaries():
+  config = default.get_config()  # lr 0.01, x0.1 at epochs 200, 250, 300 of 350.
+  steps_per_epoch = 390
+  _, schedule = train.make_optimizer(config, steps_per_epoch)
+  for epoch, lr in ((0, 0.01), (199, 0.01), (200, 1e-3), (249, 1e-3),
+                    (250, 1e-4), (300, 1e-5), (349, 1e-5)):
+    step = epoch * steps_per_epoch
+    assert float(schedule(step)) == pytest.approx(lr, rel=1e-5), epoch
+  assert float(schedule(200 * steps_per_epoch - 1)) == pytest.approx(0.01)
+
+
+def test_sgd_is_the_papers():
+  config = default.get_config()
+  assert (config.optimizer, config.momentum, config.weight_decay) == ('sgd', 0.9, 0.001)
+  tx, _ = train.make_optimizer(config, 10)
+  params = {'w': jnp.ones(3)}
+  state = tx.init(params)
+  grads = {'w': jnp.full(3, 2.0)}
+  updates, state = tx.update(grads, state, params)
+  # First step: -lr * (grad + weight_decay * w).
+  np.testing.assert_allclose(updates['w'], -0.01 * (2.0 + 0.001), rtol=1e-6)
