@@ -20,7 +20,7 @@ goes 32 -> 16 -> 8 -> 6 as in the paper.
 
 Convolutions are named ``conv1``, ``conv2``, ... in input order and the class
 layer ``classifier``; batch norms, when on, are ``bn1``, ``bn2``, ... after the
-conv of the same number. LSUV and transfer learning address layers by these
+conv of the same number; dropouts ``dropout0`` (input), ``dropout1``, ... LSUV and transfer learning address layers by these
 names.
 """
 
@@ -132,11 +132,13 @@ class AllConvNet(nn.Module):
     """Maps NHWC images to float32 logits of shape (N, num_classes)."""
     x = x.astype(self.dtype)
     convs = [layer for layer in self.layers if isinstance(layer, Conv)]
-    index = 0
+    index = drops = 0
     for layer in self.layers:
       if isinstance(layer, Drop):
         if self.dropout:
-          x = nn.Dropout(layer.rate, deterministic=not train)(x)
+          x = nn.Dropout(layer.rate, deterministic=not train,
+                         name=f'dropout{drops}')(x)
+        drops += 1
       elif isinstance(layer, Pool):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
       else:
@@ -207,4 +209,4 @@ def summary(model: nn.Module, image_shape=(32, 32, 3)) -> str:
   """Returns a Keras-style table of layers, output shapes and parameters."""
   x = jnp.zeros((1, *image_shape), jnp.float32)
   return nn.tabulate(model, jax.random.key(0), depth=1,
-                     console_kwargs={'width': 120})(x)
+                     console_kwargs={'width': 120, 'force_terminal': False})(x)
