@@ -15,7 +15,10 @@ checkpoint of another architecture is a one-line error, not a crash.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
+
+from absl import logging
 
 import jax
 import numpy as np
@@ -57,17 +60,21 @@ class Checkpoints:
       self._latest = _manager(self.latest_dir, best=False, keep=self._keep)
       self._best = _manager(self.best_dir, best=True)
 
-  def save(self, step: int, state: Any, meta: dict, test_accuracy: float,
-           is_best: bool) -> None:
-    """Saves `state` as the latest and, if `is_best`, as the best."""
+  def save(self, step: int, state: Any, meta: dict,
+           test_accuracy: float | None = None, is_best: bool = False) -> None:
+    """Saves `state` as the latest and, if `is_best`, as the best.
+
+    The best is written first: a run killed in between resumes from the
+    previous latest checkpoint and writes this best again (see `prune_after`).
+    """
     self._open()
     tree = serialization.to_state_dict(state)
     args = lambda: ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                       meta=ocp.args.JsonSave(meta))
-    self._latest.save(step, args=args(), force=True)
     if is_best:
       self._best.save(step, args=args(), metrics={'test_accuracy': test_accuracy},
                       force=True)
+    self._latest.save(step, args=args(), force=True)
 
   def wait(self) -> None:
     """Blocks until every save has been committed to disk."""
@@ -124,6 +131,48 @@ def restore(directory: str, template: Any, expected_meta: dict | None = None,
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))['state']
   return serialization.from_state_dict(template, restored), meta
+
+
+def restore_latest_good(directory: str, template: Any,
+                        expected_meta: dict) -> tuple[Any, dict] | None:
+  """Restores the newest readable checkpoint, or returns None if there is none.
+
+  A checkpoint that cannot be read (a truncated file, a missing directory) is
+  moved to ``checkpoints/corrupt/`` with a warning and the one before it is
+  tried. A checkpoint of another architecture is an error, not skipped.
+  Best checkpoints newer than the one restored are removed: the resumed run
+  recomputes them exactly.
+  """
+  if not os.path.isdir(directory):
+    return None
+  steps = sorted(_manager(directory, best=False, create=False).all_steps(),
+                 reverse=True)
+  for step in steps:
+    try:
+      restored = restore(directory, template, expected_meta, step)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      corrupt = os.path.join(os.path.dirname(directory), 'corrupt',
+                             f'{os.path.basename(directory)}-{step}')
+      logging.warning('Checkpoint %s/%d is unreadable (%s: %s); moved to %s, '
+                      'trying the previous one', directory, step,
+                      type(e).__name__, str(e).splitlines()[0][:200], corrupt)
+      os.makedirs(os.path.dirname(corrupt), exist_ok=True)
+      shutil.move(os.path.join(directory, str(step)), corrupt)
+      continue
+    prune_after(os.path.join(os.path.dirname(directory), 'best'), step)
+    return restored
+  return None
+
+
+def prune_after(directory: str, step: int) -> None:
+  """Deletes the checkpoints in `directory` newer than `step`."""
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(os.path.join(directory, name))
 
 
 def check_compatible(want: Any, have: Any, source: str) -> None:

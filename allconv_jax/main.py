@@ -45,8 +45,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_quiet_libraries)
   # Imported here so that --help and flag errors do not pay for JAX start-up.
-  from allconv_jax import train  # pylint: disable=g-import-not-at-top
+  from allconv_jax import sharding, train  # pylint: disable=g-import-not-at-top
   try:
+    sharding.initialize_distributed(FLAGS.config)
     if FLAGS.mode == 'train':
       summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
       logging.info('done: %s', summary)
@@ -57,6 +58,9 @@ def main(argv):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
+  except train.Interrupted as e:
+    print(f'stopped: {e}', file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
 
 
 def run():

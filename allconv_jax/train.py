@@ -9,8 +9,8 @@ the plain step.
 
 
 import functools
-import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -40,9 +40,30 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 @flax.struct.dataclass
+class FirstNonFiniteStep(metrics.Metric):
+  """The first step whose loss was NaN or infinite, or -1."""
+  step: jax.Array
+
+  @classmethod
+  def empty(cls) -> 'FirstNonFiniteStep':
+    return cls(step=jnp.array(-1, jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, loss, step, **_) -> 'FirstNonFiniteStep':
+    return cls(step=jnp.where(jnp.isfinite(loss), -1, step).astype(jnp.int32))
+
+  def merge(self, other: 'FirstNonFiniteStep') -> 'FirstNonFiniteStep':
+    return type(self)(step=jnp.where(self.step >= 0, self.step, other.step))
+
+  def compute(self) -> jax.Array:
+    return self.step
+
+
+@flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Average.from_output('accuracy')
+  nonfinite_step: FirstNonFiniteStep
 
 
 @flax.struct.dataclass
@@ -92,6 +113,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f'must be a fraction of the side in [0, 0.5), got {config.augment.translate!r}')
   need(config.num_classes is None or config.num_classes > 0, 'num_classes',
        f'must be positive or None (from the data), got {config.num_classes!r}')
+  need(config.checkpoint_every_steps >= 0, 'checkpoint_every_steps',
+       f'must be 0 (each epoch only) or positive, got {config.checkpoint_every_steps!r}')
+  need(config.checkpoint_keep >= 1, 'checkpoint_keep',
+       f'must be at least 1, got {config.checkpoint_keep!r}')
 
 
 def make_optimizer(config, steps_per_epoch: int):
@@ -190,7 +215,8 @@ def make_train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool):
     state = TrainState(step=state.step + 1,
                        params=optax.apply_updates(state.params, updates),
                        batch_stats=batch_stats, opt_state=opt_state)
-    update = TrainMetrics.single_from_model_output(loss=loss, accuracy=accuracy)
+    update = TrainMetrics.single_from_model_output(loss=loss, accuracy=accuracy,
+                                                   step=state.step)
     return state, train_metrics.merge(update)
 
   return train_step
@@ -259,13 +285,18 @@ class Run:
         len(self.data.train.labels), config.batch_size, config.seed)
     self.tx, self.schedule = make_optimizer(config, self.batches.steps_per_epoch)
     self.model = create_model(config, num_classes, bn_axis_name=sharding.AXIS)
+    self.checkpoints = checkpoints.Checkpoints(workdir, keep=config.checkpoint_keep)
+    replicated = sharding.replicated(self.mesh)
     self.state = init_state(self.model, self.tx, config.seed, self.mesh)
-    self.checkpoints = checkpoints.Checkpoints(workdir)
+    self.train_metrics = jax.device_put(TrainMetrics.empty(), replicated)
     self.resumed_meta = None
-    if checkpoints.latest_step(self.checkpoints.latest_dir) is not None:
-      state, self.resumed_meta = checkpoints.restore(
-          self.checkpoints.latest_dir, self.state, self.meta)
-      self.state = jax.device_put(state, sharding.replicated(self.mesh))
+    template = dict(state=self.state, train_metrics=self.train_metrics)
+    restored = checkpoints.restore_latest_good(
+        self.checkpoints.latest_dir, template, self.meta)
+    if restored is not None:
+      tree, self.resumed_meta = restored
+      tree = jax.device_put(tree, replicated)
+      self.state, self.train_metrics = tree['state'], tree['train_metrics']
     preprocess_path = os.path.join(workdir, input_pipeline.PREPROCESS_FILE)
     if self.resumed_meta is not None and os.path.exists(preprocess_path):
       self.preprocessor = input_pipeline.Preprocessor.load(preprocess_path)
@@ -280,10 +311,42 @@ class Run:
     return self.preprocessor(self.data.test.images), self.data.test.labels
 
 
+class Interrupted(Exception):
+  """Training stopped by SIGTERM or SIGINT after saving a checkpoint."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f'{signal.Signals(signum).name}: saved a checkpoint at '
+                     f'step {step}; run the same command to resume')
+    self.signum = signum
+
+
+class _StopRequests:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the configured network, evaluating on the test split each epoch.
 
-  Resumes from the latest checkpoint in `workdir` if there is one.
+  Resumes from the latest good checkpoint in `workdir` if there is one; the
+  batches, augmentation and dropout masks depend only on (seed, step), so a
+  resumed run ends bit for bit where an uninterrupted run would.
 
   Args:
     config: an experiment config (see ``configs/default.py``).
@@ -295,12 +358,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Raises:
     UserError: for bad config values, data or checkpoints, before anything is
-      written to `workdir`.
+      written to `workdir`; or a non-finite loss (``halt_on_nan``), with the
+      last good checkpoint kept.
+    Interrupted: after SIGTERM or SIGINT, once a checkpoint is saved.
   """
   run = Run(config, workdir)
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if run.resumed_meta is None:
+  if run.resumed_meta is None and is_writer:
     run.preprocessor.save(run.preprocess_path)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -316,22 +381,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   spe = run.batches.steps_per_epoch
   total_steps = config.num_epochs * spe
-  start_step = int(run.state.step)
-  csv_path = os.path.join(workdir, 'metrics.csv')
-  rows = [r for r in reporting.read_csv(csv_path) if r['step'] <= start_step]
-  best = dict(accuracy=-1.0, epoch=0)
+  state, train_metrics = run.state, run.train_metrics
+  start_step = int(state.step)
+  # The CSV is rebuilt from the checkpoint's history, so a run killed between
+  # a checkpoint and a CSV write neither loses nor repeats an epoch.
+  rows, best = [], dict(accuracy=-1.0, epoch=0)
   if run.resumed_meta is not None:
+    rows = run.resumed_meta['history']
     best = dict(accuracy=run.resumed_meta['best_accuracy'],
                 epoch=run.resumed_meta['best_epoch'])
     logging.info('Resuming from step %d (epoch %d) of %s', start_step,
                  start_step // spe, workdir)
+  csv_path = os.path.join(workdir, 'metrics.csv')
+  curves_path = os.path.join(workdir, 'curves.png')
+  title = f'{config.model} on {config.dataset.name}'
+  if is_writer:
+    reporting.write_csv(csv_path, rows)
 
   train_step = make_train_step(
       run.model, run.tx, run.mesh, seed=config.seed,
       max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
       flip=config.augment.flip)
-  eval_model = create_model(config, run.num_classes)
-  eval_step = make_eval_step(eval_model, run.mesh)
+  eval_step = make_eval_step(create_model(config, run.num_classes), run.mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
@@ -339,49 +410,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_secs=30)
   local = sharding.local_slice(config.batch_size)
-  train_metrics = jax.device_put(TrainMetrics.empty(), sharding.replicated(run.mesh))
-  state = run.state
-  epoch_start = time.time()
-  for step in range(start_step, total_steps):
-    idx = run.batches.indices(step)[local]
-    images, labels = sharding.global_batch(run.mesh, train_images[idx],
-                                           train_labels[idx])
-    state, train_metrics = train_step(state, train_metrics, images, labels)
-    report_progress(step + 1)
-    if (step + 1) % spe:
-      continue
-    epoch = (step + 1) // spe
-    train = {k: float(v) for k, v in train_metrics.compute().items()}
-    train_metrics = jax.device_put(TrainMetrics.empty(), sharding.replicated(run.mesh))
-    test = evaluate(eval_step, state, run.mesh, test_images, test_labels,
-                    config.eval_batch_size)
-    row = dict(epoch=epoch, step=step + 1,
-               learning_rate=float(run.schedule(step)),
-               train_loss=train['loss'], train_accuracy=train['accuracy'],
-               test_loss=test['loss'], test_accuracy=test['accuracy'],
-               seconds=round(time.time() - epoch_start, 3))
-    is_best = test['accuracy'] > best['accuracy']
-    if is_best:
-      best = dict(accuracy=test['accuracy'], epoch=epoch)
-    meta = dict(run.meta, epoch=epoch, step=step + 1,
+
+  def save(step: int, test_accuracy=None, is_best=False):
+    """Checkpoints after checking that no loss so far was NaN or infinite."""
+    bad = int(train_metrics.nonfinite_step.compute())
+    if bad >= 0 and config.halt_on_nan:
+      last = checkpoints.latest_step(run.checkpoints.latest_dir)
+      raise UserError(
+          f'learning_rate: the loss became non-finite at step {bad}; training '
+          f'stopped and the last good checkpoint (step {last}) is kept; lower '
+          f'learning_rate or set halt_on_nan=False')
+    meta = dict(run.meta, step=step, epoch=step // spe, history=rows,
                 best_accuracy=best['accuracy'], best_epoch=best['epoch'])
-    run.checkpoints.save(step + 1, state, meta, test['accuracy'], is_best)
-    rows.append(row)
-    if is_writer:
-      writer.write_scalars(step + 1, {k: v for k, v in row.items()
-                                      if k not in ('epoch', 'step')})
-      reporting.write_csv(csv_path, rows)
-      reporting.plot_curves(rows, os.path.join(workdir, 'curves.png'),
-                            title=f'{config.model} on {config.dataset.name}')
-    eta = (total_steps - step - 1) / spe * row['seconds']
-    logging.info(
-        'epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  '
-        '(best %.2f%% @%d)  %.1fs/epoch  ETA %s', epoch, config.num_epochs,
-        train['loss'], 100 * train['accuracy'], test['loss'],
-        100 * test['accuracy'], 100 * best['accuracy'], best['epoch'],
-        row['seconds'], _duration(eta))
-    epoch_start = time.time()
-  run.checkpoints.wait()
+    run.checkpoints.save(step, dict(state=state, train_metrics=train_metrics),
+                         meta, test_accuracy, is_best)
+    # Committed before anything refers to it, so that a kill never leaves
+    # metrics of an epoch the checkpoints do not have.
+    run.checkpoints.wait()
+
+  epoch_start = time.time()
+  with _StopRequests() as stop:
+    for step in range(start_step, total_steps):
+      idx = run.batches.indices(step)[local]
+      images, labels = sharding.global_batch(run.mesh, train_images[idx],
+                                             train_labels[idx])
+      state, train_metrics = train_step(state, train_metrics, images, labels)
+      report_progress(step + 1)
+      if stop.signum is not None:
+        save(step + 1)
+        raise Interrupted(stop.signum, step + 1)
+      if (step + 1) % spe:
+        if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
+          save(step + 1)
+        continue
+      epoch = (step + 1) // spe
+      train = {k: float(v) for k, v in train_metrics.compute().items()}
+      test = evaluate(eval_step, state, run.mesh, test_images, test_labels,
+                      config.eval_batch_size)
+      row = dict(epoch=epoch, step=step + 1,
+                 learning_rate=float(run.schedule(step)),
+                 train_loss=train['loss'], train_accuracy=train['accuracy'],
+                 test_loss=test['loss'], test_accuracy=test['accuracy'],
+                 seconds=round(time.time() - epoch_start, 3))
+      is_best = test['accuracy'] > best['accuracy']
+      if is_best:
+        best = dict(accuracy=test['accuracy'], epoch=epoch)
+      rows = rows + [row]
+      save(step + 1, test['accuracy'], is_best)
+      train_metrics = jax.device_put(TrainMetrics.empty(),
+                                     sharding.replicated(run.mesh))
+      if is_writer:
+        writer.write_scalars(step + 1, {k: v for k, v in row.items()
+                                        if k not in ('epoch', 'step')})
+        reporting.write_csv(csv_path, rows)
+        reporting.plot_curves(rows, curves_path, title=title)
+      eta = (total_steps - step - 1) / spe * row['seconds']
+      logging.info(
+          'epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  '
+          '(best %.2f%% @%d)  %.1fs/epoch  ETA %s', epoch, config.num_epochs,
+          train['loss'], 100 * train['accuracy'], test['loss'],
+          100 * test['accuracy'], 100 * best['accuracy'], best['epoch'],
+          row['seconds'], _duration(eta))
+      epoch_start = time.time()
   run.checkpoints.close()
   writer.flush()
   last = rows[-1] if rows else {}
@@ -399,8 +489,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   run = Run(config, workdir)
   if checkpoints.latest_step(run.checkpoints.best_dir) is None:
     raise UserError(f'workdir: no checkpoint in {workdir}; train first')
-  state, meta = checkpoints.restore(run.checkpoints.best_dir, run.state, run.meta)
-  state = jax.device_put(state, sharding.replicated(run.mesh))
+  template = dict(state=run.state, train_metrics=run.train_metrics)
+  tree, meta = checkpoints.restore(run.checkpoints.best_dir, template, run.meta)
+  state = jax.device_put(tree['state'], sharding.replicated(run.mesh))
   images, labels = run.test_arrays()
   eval_step = make_eval_step(create_model(config, run.num_classes), run.mesh)
   test = evaluate(eval_step, state, run.mesh, images, labels,

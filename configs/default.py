@@ -88,4 +88,20 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Seed of initialization, batch order, augmentation and dropout.
   config.seed = 0
+
+  # Checkpoints: every epoch, and every this many steps too (0: epochs only).
+  config.checkpoint_every_steps = 0
+  # How many of the latest checkpoints to keep (the best is kept apart).
+  config.checkpoint_keep = 3
+  # Stop at the first non-finite loss, keeping the last good checkpoint.
+  config.halt_on_nan = True
+
+  # Several processes (hosts). Single-process runs leave this alone; every
+  # local device is used either way. Unset fields are detected by JAX in
+  # SLURM, Open MPI and Cloud TPU environments.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = False
+  config.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port'
+  config.distributed.num_processes = config_dict.placeholder(int)
+  config.distributed.process_id = config_dict.placeholder(int)
   return config
