@@ -63,11 +63,42 @@ def main(argv):
     sys.exit(128 + e.signum)
 
 
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with its errors as one line and exit status 2."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get('model')  # The file is loaded lazily; load it now.
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    message = lines[0].replace('flag --', '--')
+    if message.endswith(':') and len(lines) > 1:  # The cause is on the last line.
+      message += ' ' + lines[-1]
+    _fail(message)
+  except AttributeError as e:
+    # How ml_collections reports an override of a field that does not exist.
+    override = next((a[2:].split('=')[0] for a in argv[1:]
+                     if a.startswith('--config.') and
+                     a.split('=')[0].rsplit('.', 1)[-1] in str(e)),
+                    'config.<field>')
+    _fail(f'{override}: no such config field; the fields are listed in '
+          'configs/default.py')
+  except Exception as e:  # pylint: disable=broad-except
+    # A config file that is missing or fails to import.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(f'config: cannot load the config file ({lines[-1] if lines else type(e).__name__})')
+  return rest
+
+
 def run():
   """Console-script entry point (`allconv`)."""
   # Configs import each other as `configs.<name>`, relative to the repo root.
   sys.path.insert(0, os.getcwd())
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, metrics, periodic_actions
+from clu import metrics
 from jax.sharding import PartitionSpec as P
 
 from allconv_jax import checkpoints, datasets, input_pipeline, models, reporting, sharding
@@ -363,6 +363,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Interrupted: after SIGTERM or SIGINT, once a checkpoint is saved.
   """
   run = Run(config, workdir)
+  # Imported here: they import TensorFlow, which takes seconds, and a bad
+  # input should fail before that.
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if run.resumed_meta is None and is_writer:

@@ -42,9 +42,8 @@ def run_main(capsys, *args):
   # ml_collections reads the --config.<field> overrides from sys.argv.
   sys.argv = ['allconv', *args]
   try:
-    flags.FLAGS(sys.argv)
     try:
-      main.main(['allconv'])
+      main.main(main.parse_flags(sys.argv))
       code = 0
     except SystemExit as e:
       code = e.code
