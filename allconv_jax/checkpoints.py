@@ -44,6 +44,11 @@ def _manager(directory: str, best: bool, keep: int = 3, create: bool = True
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
+def open_manager(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager of an existing checkpoint directory."""
+  return _manager(directory, best=False, create=False)
+
+
 class Checkpoints:
   """The latest and best checkpoints of one workdir."""
 
@@ -92,7 +97,7 @@ def latest_step(directory: str) -> int | None:
   """The newest committed step in `directory`, or None if there is none."""
   if not os.path.isdir(directory):
     return None
-  return _manager(directory, best=False, create=False).latest_step()
+  return open_manager(directory).latest_step()
 
 
 def restore(directory: str, template: Any, expected_meta: dict | None = None,
@@ -115,7 +120,7 @@ def restore(directory: str, template: Any, expected_meta: dict | None = None,
   step = latest_step(directory) if step is None else step
   if step is None:
     raise UserError(f'checkpoint: no checkpoint in {directory}')
-  manager = _manager(directory, best=False, create=False)
+  manager = open_manager(directory)
   meta = manager.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta']
   for field in ARCHITECTURE_FIELDS:
@@ -145,7 +150,7 @@ def restore_latest_good(directory: str, template: Any,
   """
   if not os.path.isdir(directory):
     return None
-  steps = sorted(_manager(directory, best=False, create=False).all_steps(),
+  steps = sorted(open_manager(directory).all_steps(),
                  reverse=True)
   for step in steps:
     try:

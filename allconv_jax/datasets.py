@@ -28,6 +28,22 @@ _CIFAR_URLS = {
 }
 
 
+# Named class subsets for transfer learning: the fine classes of two disjoint
+# groups of CIFAR-100 superclasses, one close to CIFAR-10's classes (vehicles)
+# and one far from them (flowers, fruit and vegetables).
+SUBSETS = {
+    ('cifar100', 'subset1'): (
+        'bicycle', 'bus', 'motorcycle', 'pickup_truck', 'train',  # vehicles 1
+        'lawn_mower', 'rocket', 'streetcar', 'tank', 'tractor'),  # vehicles 2
+    ('cifar100', 'subset2'): (
+        'orchid', 'poppy', 'rose', 'sunflower', 'tulip',  # flowers
+        'apple', 'mushroom', 'orange', 'pear', 'sweet_pepper'),  # fruit, veg.
+    # Offline stand-ins: pretrain on one half of the digits, transfer to the other.
+    ('digits', 'subset1'): ('0', '1', '2', '3', '4'),
+    ('digits', 'subset2'): ('5', '6', '7', '8', '9'),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
   images: np.ndarray  # uint8, (N, 32, 32, 3), NHWC
@@ -186,7 +202,9 @@ def _subset(
 ) -> Dataset:
   if classes is None or classes == '':
     return Dataset(name, train, test, class_names)
-  if isinstance(classes, str):
+  if isinstance(classes, str) and (name, classes.strip()) in SUBSETS:
+    classes = SUBSETS[name, classes.strip()]
+  elif isinstance(classes, str):
     # As typed on a command line: 'apple,bear' or '0,3,5'.
     classes = [c.strip() for c in classes.split(',')]
 

@@ -24,7 +24,8 @@ from absl import logging
 from clu import metrics
 from jax.sharding import PartitionSpec as P
 
-from allconv_jax import checkpoints, datasets, input_pipeline, models, reporting, sharding
+from allconv_jax import (checkpoints, datasets, input_pipeline, models,
+                         reporting, sharding, transfer)
 from allconv_jax.errors import UserError
 
 OPTIMIZERS = ('sgd', 'adam', 'rmsprop')
@@ -115,6 +116,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f'must be positive or None (from the data), got {config.num_classes!r}')
   need(config.checkpoint_every_steps >= 0, 'checkpoint_every_steps',
        f'must be 0 (each epoch only) or positive, got {config.checkpoint_every_steps!r}')
+  if config.init == 'lsuv':
+    sharding.check_batch_size(config.lsuv.batch_size, 'lsuv.batch_size')
+    need(config.lsuv.tol > 0, 'lsuv.tol', f'must be positive, got {config.lsuv.tol!r}')
+    need(config.lsuv.measure in ('pre_activation', 'post_activation'), 'lsuv.measure',
+         f'unknown {config.lsuv.measure!r}; allowed: pre_activation, post_activation')
   need(config.checkpoint_keep >= 1, 'checkpoint_keep',
        f'must be at least 1, got {config.checkpoint_keep!r}')
 
@@ -285,6 +291,12 @@ class Run:
         len(self.data.train.labels), config.batch_size, config.seed)
     self.tx, self.schedule = make_optimizer(config, self.batches.steps_per_epoch)
     self.model = create_model(config, num_classes, bn_axis_name=sharding.AXIS)
+    source = config.transfer.from_workdir
+    reinit = transfer.patterns(config.transfer.reinit)
+    if source and config.transfer.freeze:
+      shapes = jax.eval_shape(lambda: self.model.init(
+          jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params'])
+      self.tx = transfer.freeze(self.tx, shapes, reinit)
     self.checkpoints = checkpoints.Checkpoints(workdir, keep=config.checkpoint_keep)
     replicated = sharding.replicated(self.mesh)
     self.state = init_state(self.model, self.tx, config.seed, self.mesh)
@@ -298,8 +310,21 @@ class Run:
       tree = jax.device_put(tree, replicated)
       self.state, self.train_metrics = tree['state'], tree['train_metrics']
     preprocess_path = os.path.join(workdir, input_pipeline.PREPROCESS_FILE)
+    source_preprocess = None
+    if restored is None and source:
+      params, stats, source_preprocess = transfer.load_source(source)
+      params = transfer.copy_weights(self.state.params, params, reinit, 'parameter')
+      stats = transfer.copy_weights(self.state.batch_stats, stats, reinit,
+                                    'batch statistic')
+      self.state = jax.device_put(
+          self.state.replace(params=params, batch_stats=stats,
+                             opt_state=self.tx.init(params)), replicated)
+      logging.info('Transferred all but %s from %s', reinit, source)
     if self.resumed_meta is not None and os.path.exists(preprocess_path):
       self.preprocessor = input_pipeline.Preprocessor.load(preprocess_path)
+    elif source_preprocess:
+      # The copied layers expect the inputs normalized as they were trained.
+      self.preprocessor = input_pipeline.Preprocessor.load(source_preprocess)
     else:
       self.preprocessor = input_pipeline.Preprocessor.fit(
           self.data.train.images, standardize=config.preprocess.standardize,
@@ -385,6 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spe = run.batches.steps_per_epoch
   total_steps = config.num_epochs * spe
   state, train_metrics = run.state, run.train_metrics
+  if config.init == 'lsuv' and run.resumed_meta is None and not config.transfer.from_workdir:
+    state = _lsuv(run, state, train_images, workdir if is_writer else None)
   start_step = int(state.step)
   # The CSV is rebuilt from the checkpoint's history, so a run killed between
   # a checkpoint and a CSV write neither loses nor repeats an epoch.
@@ -481,6 +508,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return dict(final_test_accuracy=last.get('test_accuracy'),
               best_test_accuracy=best['accuracy'], best_epoch=best['epoch'],
               epochs=len(rows))
+
+
+def _lsuv(run: Run, state: TrainState, train_images: np.ndarray,
+          workdir: str | None) -> TrainState:
+  """LSUV-initializes the kernels on a batch of preprocessed training images."""
+  from allconv_jax import lsuv  # pylint: disable=g-import-not-at-top
+  cfg = run.config.lsuv
+  rng = np.random.default_rng(run.config.seed)
+  idx = rng.choice(len(train_images), min(cfg.batch_size, len(train_images)),
+                   replace=False)
+  idx = np.sort(idx)[sharding.local_slice(len(idx))]
+  batch, = sharding.global_batch(run.mesh, train_images[idx])
+  variables = _variables(state.params, state.batch_stats)
+  start = time.time()
+  variables, report = lsuv.lsuv_init(run.model, variables, batch, tol=cfg.tol,
+                                     max_iters=cfg.max_iters, measure=cfg.measure)
+  logging.info('LSUV on %d images in %.1fs:\n%s', len(idx) * jax.process_count(),
+               time.time() - start, report.table())
+  if workdir is not None:
+    report.save(os.path.join(workdir, 'lsuv_report.json'))
+  # SGD and Adam states start at zero whatever the parameters, so the
+  # optimizer state of `init_state` still fits.
+  return state.replace(params=jax.device_put(variables['params'],
+                                             sharding.replicated(run.mesh)))
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:

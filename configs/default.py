@@ -38,6 +38,16 @@ def get_config() -> ml_collections.ConfigDict:
   # orthogonal, or lsuv (data-driven; see allconv_jax/lsuv.py).
   config.init = 'he_uniform'
 
+  # LSUV (init='lsuv'): run once before the first step on this many
+  # preprocessed training images; rescale each conv until its output variance
+  # is within tol of 1 (at most max_iters times), measured before the ReLU
+  # ('pre_activation', as in the paper) or after it ('post_activation').
+  config.lsuv = ml_collections.ConfigDict()
+  config.lsuv.batch_size = 128
+  config.lsuv.tol = 0.1
+  config.lsuv.max_iters = 10
+  config.lsuv.measure = 'pre_activation'
+
   config.dataset = ml_collections.ConfigDict()
   # cifar10, cifar100 or digits (scikit-learn's 8x8 digits, offline).
   config.dataset.name = 'cifar10'
@@ -95,6 +105,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_keep = 3
   # Stop at the first non-finite loss, keeping the last good checkpoint.
   config.halt_on_nan = True
+
+  # Transfer learning (see allconv_jax/transfer.py): start from the best
+  # checkpoint of another run (a workdir, or a checkpoint directory).
+  config.transfer = ml_collections.ConfigDict()
+  config.transfer.from_workdir = config_dict.placeholder(str)
+  # Comma-separated layer patterns that are re-initialized instead of copied.
+  config.transfer.reinit = 'classifier'
+  # Feature-extractor mode: train only the re-initialized layers.
+  config.transfer.freeze = False
 
   # Several processes (hosts). Single-process runs leave this alone; every
   # local device is used either way. Unset fields are detected by JAX in

@@ -136,6 +136,22 @@ def test_cifar100_coarse_subset(cifar100):
   assert set(ds.train.labels) <= {0, 1}
 
 
+@pytest.mark.parametrize('subset', ['subset1', 'subset2'])
+def test_cifar100_named_subsets(cifar100, subset):
+  data_dir, _, _ = cifar100
+  ds = datasets.load(_config('cifar100', data_dir=data_dir, classes=subset))
+  assert ds.class_names == datasets.SUBSETS['cifar100', subset]
+  assert len(ds.class_names) == 10
+  assert set(ds.class_names) <= set(cifar_archives.CIFAR100_FINE_NAMES)
+  assert set(ds.train.labels) <= set(range(10))
+
+
+def test_named_subsets_are_disjoint():
+  for name in ('cifar100', 'digits'):
+    assert not set(datasets.SUBSETS[name, 'subset1']) & set(
+        datasets.SUBSETS[name, 'subset2'])
+
+
 @pytest.fixture(scope='module')
 def digits():
   return datasets.load(_config('digits'))
@@ -155,8 +171,9 @@ def test_digits(digits):
   np.testing.assert_array_equal(again.test.labels, digits.test.labels)
 
 
-def test_digits_subset(digits):
-  ds = datasets.load(_config('digits', classes='0,1,2,3,4'))
+@pytest.mark.parametrize('classes', ['0,1,2,3,4', 'subset1'])
+def test_digits_subset(digits, classes):
+  ds = datasets.load(_config('digits', classes=classes))
   assert ds.class_names == ('0', '1', '2', '3', '4')
   keep = digits.test.labels < 5
   np.testing.assert_array_equal(ds.test.labels, digits.test.labels[keep])
