@@ -28,7 +28,7 @@ from flax import serialization
 from allconv_jax.errors import UserError
 
 # The meta fields that must match for a checkpoint to fit a network.
-ARCHITECTURE_FIELDS = ('model', 'num_classes', 'width', 'batch_norm')
+ARCHITECTURE_FIELDS = ('model', 'num_classes', 'width', 'batch_norm', 'optimizer')
 
 
 def _manager(directory: str, best: bool, keep: int = 3, create: bool = True
@@ -121,14 +121,7 @@ def restore(directory: str, template: Any, expected_meta: dict | None = None,
   if step is None:
     raise UserError(f'checkpoint: no checkpoint in {directory}')
   manager = open_manager(directory)
-  meta = manager.restore(step, args=ocp.args.Composite(
-      meta=ocp.args.JsonRestore()))['meta']
-  for field in ARCHITECTURE_FIELDS:
-    if expected_meta and field in expected_meta and meta.get(field) != expected_meta[field]:
-      raise UserError(
-          f'{field}: the checkpoint in {directory} has {field}={meta.get(field)!r} '
-          f'but the config asks for {expected_meta[field]!r}; use another workdir '
-          f'or the same {field}')
+  meta = _check_meta(manager, step, directory, expected_meta)
   want = serialization.to_state_dict(template)
   have = manager.item_metadata(step)['state'].tree
   check_compatible(want, have, directory)
@@ -136,6 +129,35 @@ def restore(directory: str, template: Any, expected_meta: dict | None = None,
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))['state']
   return serialization.from_state_dict(template, restored), meta
+
+
+def _check_meta(manager, step: int, directory: str, expected: dict | None) -> dict:
+  meta = manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
+  for field in ARCHITECTURE_FIELDS:
+    if expected and field in expected and meta.get(field) != expected[field]:
+      raise UserError(
+          f'{field}: the checkpoint in {directory} has {field}={meta.get(field)!r} '
+          f'but the config asks for {expected[field]!r}; use another workdir '
+          f'or the same {field}')
+  return meta
+
+
+def check_architecture(directory: str, expected: dict) -> None:
+  """Fails fast if the newest checkpoint in `directory` is of another network.
+
+  Reads only the small JSON meta; an unreadable one is left to
+  `restore_latest_good`.
+  """
+  step = latest_step(directory)
+  if step is None:
+    return
+  try:
+    _check_meta(open_manager(directory), step, directory, expected)
+  except UserError:
+    raise
+  except Exception:  # pylint: disable=broad-except
+    pass
 
 
 def restore_latest_good(directory: str, template: Any,

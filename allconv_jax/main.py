@@ -12,6 +12,7 @@ status 2.
 import json
 import logging as std_logging
 import os
+import re
 import sys
 
 # TensorFlow (used by tensorflow-datasets and clu's TensorBoard writer) would
@@ -41,8 +42,7 @@ def _quiet_libraries(record: std_logging.LogRecord) -> bool:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # parse_flags has checked there is nothing else.
   logging.get_absl_handler().addFilter(_quiet_libraries)
   # Imported here so that --help and flag errors do not pay for JAX start-up.
   from allconv_jax import sharding, train  # pylint: disable=g-import-not-at-top
@@ -61,6 +61,10 @@ def main(argv):
   except train.Interrupted as e:
     print(f'stopped: {e}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
+  except KeyboardInterrupt:
+    # Ctrl-C before training started: there is nothing to save yet.
+    print('stopped: SIGINT before training started', file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def _fail(message: str) -> None:
@@ -75,9 +79,14 @@ def parse_flags(argv):
     FLAGS.config.get('model')  # The file is loaded lazily; load it now.
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    message = lines[0].replace('flag --', '--')
+    message = lines[0]
     if message.endswith(':') and len(lines) > 1:  # The cause is on the last line.
       message += ' ' + lines[-1]
+    # 'flag --config.batch_size=abc: invalid literal ...' names the field first.
+    match = re.match(r'flag --([\w.]+)=(.*?): (.*)$', message)
+    if match:
+      name, value, reason = match.groups()
+      message = f'{name}: invalid value {value!r} ({reason})'
     _fail(message)
   except AttributeError as e:
     # How ml_collections reports an override of a field that does not exist.
@@ -91,6 +100,9 @@ def parse_flags(argv):
     # A config file that is missing or fails to import.
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     _fail(f'config: cannot load the config file ({lines[-1] if lines else type(e).__name__})')
+  if len(rest) > 1:
+    _fail(f'arguments: unexpected {" ".join(rest[1:])!r}; every option is a '
+          '--flag (see --help)')
   return rest
 
 

@@ -159,7 +159,7 @@ def create_model(config, num_classes: int, bn_axis_name: str | None = None):
 def architecture_meta(config, num_classes: int) -> dict:
   """What a checkpoint must agree on to be restored into this network."""
   return dict(model=config.model, num_classes=num_classes, width=config.width,
-              batch_norm=config.batch_norm)
+              batch_norm=config.batch_norm, optimizer=config.optimizer)
 
 
 # ----------------------------------------------------------------- steps
@@ -298,6 +298,7 @@ class Run:
           jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params'])
       self.tx = transfer.freeze(self.tx, shapes, reinit)
     self.checkpoints = checkpoints.Checkpoints(workdir, keep=config.checkpoint_keep)
+    checkpoints.check_architecture(self.checkpoints.latest_dir, self.meta)
     replicated = sharding.replicated(self.mesh)
     self.state = init_state(self.model, self.tx, config.seed, self.mesh)
     self.train_metrics = jax.device_put(TrainMetrics.empty(), replicated)
@@ -441,15 +442,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       num_train_steps=total_steps, writer=writer, every_secs=30)
   local = sharding.local_slice(config.batch_size)
 
-  def save(step: int, test_accuracy=None, is_best=False):
-    """Checkpoints after checking that no loss so far was NaN or infinite."""
+  def check_finite():
+    """Stops before a diverged state can be checkpointed (halt_on_nan)."""
     bad = int(train_metrics.nonfinite_step.compute())
     if bad >= 0 and config.halt_on_nan:
       last = checkpoints.latest_step(run.checkpoints.latest_dir)
+      kept = ('no checkpoint was written' if last is None else
+              f'the last good checkpoint (step {last}) is kept')
       raise UserError(
           f'learning_rate: the loss became non-finite at step {bad}; training '
-          f'stopped and the last good checkpoint (step {last}) is kept; lower '
-          f'learning_rate or set halt_on_nan=False')
+          f'stopped and {kept}; lower learning_rate or set halt_on_nan=False')
+
+  def save(step: int, test_accuracy=None, is_best=False):
     meta = dict(run.meta, step=step, epoch=step // spe, history=rows,
                 best_accuracy=best['accuracy'], best_epoch=best['epoch'])
     run.checkpoints.save(step, dict(state=state, train_metrics=train_metrics),
@@ -466,42 +470,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              train_labels[idx])
       state, train_metrics = train_step(state, train_metrics, images, labels)
       report_progress(step + 1)
-      if stop.signum is not None:
+      saved = False
+      if (step + 1) % spe == 0:
+        check_finite()
+        epoch = (step + 1) // spe
+        train = {k: float(v) for k, v in train_metrics.compute().items()}
+        test = evaluate(eval_step, state, run.mesh, test_images, test_labels,
+                        config.eval_batch_size)
+        row = dict(epoch=epoch, step=step + 1,
+                   learning_rate=float(run.schedule(step)),
+                   train_loss=train['loss'], train_accuracy=train['accuracy'],
+                   test_loss=test['loss'], test_accuracy=test['accuracy'],
+                   seconds=round(time.time() - epoch_start, 3))
+        is_best = test['accuracy'] > best['accuracy']
+        if is_best:
+          best = dict(accuracy=test['accuracy'], epoch=epoch)
+        rows = rows + [row]
+        # The next epoch's metrics start empty, in this run and a resumed one.
+        train_metrics = jax.device_put(TrainMetrics.empty(),
+                                       sharding.replicated(run.mesh))
+        save(step + 1, test['accuracy'], is_best)
+        saved = True
+        if is_writer:
+          writer.write_scalars(step + 1, {k: v for k, v in row.items()
+                                          if k not in ('epoch', 'step')})
+          reporting.write_csv(csv_path, rows)
+          reporting.plot_curves(rows, curves_path, title=title)
+        eta = (total_steps - step - 1) / spe * row['seconds']
+        logging.info(
+            'epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  '
+            '(best %.2f%% @%d)  %.1fs/epoch  ETA %s', epoch, config.num_epochs,
+            train['loss'], 100 * train['accuracy'], test['loss'],
+            100 * test['accuracy'], 100 * best['accuracy'], best['epoch'],
+            row['seconds'], _duration(eta))
+        epoch_start = time.time()
+      elif (config.checkpoint_every_steps and
+            (step + 1) % config.checkpoint_every_steps == 0):
+        check_finite()
         save(step + 1)
-        raise Interrupted(stop.signum, step + 1)
-      if (step + 1) % spe:
-        if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
+        saved = True
+      if stop.signum is not None:
+        if not saved:
+          check_finite()
           save(step + 1)
-        continue
-      epoch = (step + 1) // spe
-      train = {k: float(v) for k, v in train_metrics.compute().items()}
-      test = evaluate(eval_step, state, run.mesh, test_images, test_labels,
-                      config.eval_batch_size)
-      row = dict(epoch=epoch, step=step + 1,
-                 learning_rate=float(run.schedule(step)),
-                 train_loss=train['loss'], train_accuracy=train['accuracy'],
-                 test_loss=test['loss'], test_accuracy=test['accuracy'],
-                 seconds=round(time.time() - epoch_start, 3))
-      is_best = test['accuracy'] > best['accuracy']
-      if is_best:
-        best = dict(accuracy=test['accuracy'], epoch=epoch)
-      rows = rows + [row]
-      save(step + 1, test['accuracy'], is_best)
-      train_metrics = jax.device_put(TrainMetrics.empty(),
-                                     sharding.replicated(run.mesh))
-      if is_writer:
-        writer.write_scalars(step + 1, {k: v for k, v in row.items()
-                                        if k not in ('epoch', 'step')})
-        reporting.write_csv(csv_path, rows)
-        reporting.plot_curves(rows, curves_path, title=title)
-      eta = (total_steps - step - 1) / spe * row['seconds']
-      logging.info(
-          'epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  '
-          '(best %.2f%% @%d)  %.1fs/epoch  ETA %s', epoch, config.num_epochs,
-          train['loss'], 100 * train['accuracy'], test['loss'],
-          100 * test['accuracy'], 100 * best['accuracy'], best['epoch'],
-          row['seconds'], _duration(eta))
-      epoch_start = time.time()
+        raise Interrupted(stop.signum, step + 1)
   run.checkpoints.close()
   writer.flush()
   last = rows[-1] if rows else {}

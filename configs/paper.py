@@ -23,13 +23,6 @@ def get_config(model: str = 'all_cnn_c'):
   config.preprocess.gcn_zca = True
   config.augment.translate = 0.0
   config.augment.flip = False
-  config.optimizer = 'sgd'
-  config.learning_rate = 0.01
-  config.lr_schedule = 'piecewise'
-  config.lr_boundaries = (200, 250, 300)
-  config.lr_decay = 0.1
-  config.momentum = 0.9
-  config.weight_decay = 0.001
-  config.num_epochs = 350
-  config.batch_size = 128
+  # The optimizer, schedule, batch size and epochs of default.py are the
+  # paper's already.
   return config
