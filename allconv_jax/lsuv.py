@@ -1,0 +1,610 @@
+"""Layer-sequential unit-variance (LSUV) initialization (Mishkin & Matas, 2015).
+
+LSUV is a data-driven initialization in two steps:
+
+1. Every convolution kernel is replaced by an orthonormal matrix of the same
+   shape (Saxe et al., 2014): the kernel, reshaped to ``fan_in x fan_out``,
+   becomes the orthonormal factor ``U @ Vt`` of its own SVD.
+2. From the input to the class layer, each convolution's output variance on
+   a batch of real images is measured and its kernel divided by the square
+   root of that variance, until the variance is within ``tol`` of 1 or
+   ``max_iters`` rescalings have been done. Biases are left as they are.
+
+    variables, report = lsuv_init(model, variables, images)
+    print(report.table())
+    report.save(os.path.join(workdir, 'lsuv_report.json'))
+
+How it is computed. Convolution is linear in its kernel, so with the kernel
+scaled by ``s`` a layer's output is ``s * (out - b) + b``, where ``out`` is
+its output with the orthonormal kernel and ``b`` its bias. The whole
+initialization is therefore one jitted forward pass: when the pass reaches
+a convolution, a flax method interceptor captures its output, a
+`jax.lax.while_loop` finds the scale, and the rescaled output is what the
+following layers see, exactly as if the kernel had been scaled. Measured
+before the ReLU, the variance of ``s * (out - b) + b`` is a quadratic in
+``s`` whose coefficients come from per-channel moments of ``out``, so the
+loop is scalar arithmetic; after the ReLU it re-measures the captured
+output (element-wise work, no convolution). No Python runs per iteration,
+a layer costs one convolution however many iterations it takes, and LSUV
+compiles once per (network, batch shape, measure): a second call reuses the
+compiled function. Orthonormalizing is part of the same compiled function.
+
+Where the variance is measured (``measure``):
+
+* ``'pre_activation'`` (default, as in the paper): the convolution's output,
+  before the ReLU (and before batch norm, when there is one).
+* ``'post_activation'``: the output after the ReLU that follows the
+  convolution (the class layer's own output when the network has no class
+  ReLU). With batch norm this is the ReLU of the convolution's output, not
+  of the batch norm's: anything after batch norm has unit variance whatever
+  the kernel's scale, so a loop measuring there could never converge.
+
+Batch norm. The measurement runs the network the way training sees it:
+batch norm normalizes with the statistics of the batch itself (not the
+running averages), and dropout is off. ``batch_stats`` are returned
+unchanged: the running averages start at mean 0, variance 1, which is what
+a unit-variance convolution output has anyway.
+
+Sharding. Pass a batch sharded over the devices (e.g. from
+`sharding.global_batch`) and the variances are those of the whole global
+batch: the forward pass is jitted over the global array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Mapping, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from allconv_jax.errors import UserError
+
+MEASURES = ('pre_activation', 'post_activation')
+
+# Layers with fewer output elements per example are skipped, as in the
+# reference implementations: their variance is too noisy to normalize.
+MIN_ELEMENTS = 32
+
+# Below this a variance counts as zero: dividing the kernel by its square
+# root would overflow float32 or blow up rounding noise.
+_ZERO_VARIANCE = 1e-12
+
+_OK, _FEW_ELEMENTS, _ZERO, _NON_FINITE = 0, 1, 2, 3
+_SKIP_REASONS = {
+    _FEW_ELEMENTS: f'fewer than {MIN_ELEMENTS} elements per example',
+    _ZERO: 'zero variance',
+    _NON_FINITE: 'non-finite variance',
+}
+
+
+# ----------------------------------------------------------------- report
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+  """What LSUV did to one convolution.
+
+  Attributes:
+    name: the layer's path in the parameters, e.g. ``'conv3'``.
+    elements_per_example: output elements per example (H * W * C).
+    variance_before: output variance with the orthonormal kernel, before
+      any rescaling (earlier layers already rescaled).
+    variance_after: output variance with the final kernel.
+    iterations: rescalings done (0 for a skipped layer).
+    scale: factor the orthonormal kernel was multiplied by (1 if skipped).
+    skipped: True if the layer was left orthonormal and unscaled.
+    reason: why it was skipped, or ``'not converged'`` when `max_iters` ran
+      out before the variance came within `tol` of 1; empty otherwise.
+  """
+  name: str
+  elements_per_example: int
+  variance_before: float
+  variance_after: float
+  iterations: int
+  scale: float
+  skipped: bool
+  reason: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """The per-layer outcome of `lsuv_init`, in input-to-output order."""
+  layers: tuple[LayerReport, ...]
+  measure: str
+  tol: float
+  max_iters: int
+  batch_size: int
+
+  def table(self) -> str:
+    """Formats the report as a fixed-width text table for logs."""
+    skipped = sum(layer.skipped for layer in self.layers)
+    lines = [f'LSUV ({self.measure}, tol {self.tol:g}, max_iters '
+             f'{self.max_iters}, batch {self.batch_size}): '
+             f'{len(self.layers)} layers, {skipped} skipped']
+    width = max([len('layer')] + [len(layer.name) for layer in self.layers])
+    lines.append(f"{'layer':<{width}}  {'elements':>8}  {'var before':>10}  "
+                 f"{'var after':>10}  {'iters':>5}  {'scale':>9}  status")
+    for layer in self.layers:
+      status = f'skipped: {layer.reason}' if layer.skipped else (
+          layer.reason or 'ok')
+      lines.append(
+          f'{layer.name:<{width}}  {layer.elements_per_example:>8}  '
+          f'{layer.variance_before:>10.4g}  {layer.variance_after:>10.4g}  '
+          f'{layer.iterations:>5}  {layer.scale:>9.4g}  {status}')
+    return '\n'.join(lines)
+
+  __str__ = table
+
+  def to_dict(self) -> dict:
+    """A JSON-serializable dict; non-finite numbers become None."""
+    def clean(value):
+      if isinstance(value, float) and not math.isfinite(value):
+        return None
+      return value
+    layers = [{k: clean(v) for k, v in dataclasses.asdict(layer).items()}
+              for layer in self.layers]
+    return dict(measure=self.measure, tol=self.tol, max_iters=self.max_iters,
+                batch_size=self.batch_size, layers=layers)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  def save(self, path: str) -> None:
+    """Writes `to_json()` to `path` atomically."""
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.write(self.to_json() + '\n')
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def orthonormalize(kernel: jax.Array) -> jax.Array:
+  """The orthonormal matrix closest to a kernel, in the kernel's shape.
+
+  The kernel is reshaped to ``fan_in x fan_out`` (all axes but the last are
+  fan-in, as in flax's ``(kh, kw, in, out)`` layout) and replaced by its
+  polar factor ``U @ Vt`` (from the SVD ``U S Vt``): its columns are
+  orthonormal when ``fan_in >= fan_out`` and its rows otherwise. The random
+  directions of the given kernel are kept, so no random key is needed and
+  the result is deterministic; an orthonormal kernel comes back unchanged.
+
+  The polar factor is computed from the eigendecomposition of the small
+  Gram matrix (at most 192 x 192 here) rather than by an SVD of the tall
+  matrix: LAPACK's SVD of a 1728 x 192 kernel took seconds on a busy 2-core
+  CPU (OpenBLAS threads competing with XLA's), the Gram route milliseconds.
+  In float32 one such pass is accurate only for well-conditioned kernels, so
+  passes repeat until the Gram matrix is the identity to 1e-5 (one pass for
+  random kernels, three or four for condition numbers of 1e6-1e8). A kernel
+  of rank below min(fan_in, fan_out), such as all zeros, which no random
+  initializer draws, cannot be made orthonormal in its missing directions.
+
+  Args:
+    kernel: an array with at least two axes.
+
+  Returns:
+    An array of the same shape and dtype.
+  """
+  return _orthonormalize_all([kernel])[0]
+
+
+def _orthonormalize_all(kernels: list[jax.Array]) -> list[jax.Array]:
+  """`orthonormalize` of each kernel.
+
+  Kernels whose fan_in x fan_out matrices have the same shape are stacked
+  and done together: XLA:CPU compiles every operation of the loop below
+  separately, so one loop per shape instead of one per kernel saves a good
+  part of LSUV's compile time (All-CNN-C's nine kernels have six shapes).
+  """
+  groups = {}
+  for index, kernel in enumerate(kernels):
+    matrix = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
+    wide = matrix.shape[0] < matrix.shape[1]
+    if wide:  # Work on the tall orientation: its Gram matrix is the small one.
+      matrix = matrix.T
+    groups.setdefault(matrix.shape, []).append((index, wide, matrix))
+  out = list(kernels)
+  for members in groups.values():
+    matrices = _orthonormal_tall(jnp.stack([m for _, _, m in members]))
+    for (index, wide, _), matrix in zip(members, matrices):
+      matrix = matrix.T if wide else matrix
+      kernel = kernels[index]
+      out[index] = matrix.reshape(kernel.shape).astype(kernel.dtype)
+  return out
+
+
+def _orthonormal_tall(matrices: jax.Array) -> jax.Array:
+  """Polar factors of a stack of tall matrices (rows >= columns)."""
+  identity = jnp.eye(matrices.shape[-1], dtype=jnp.float32)
+
+  def gram(m):
+    return _dot(jnp.swapaxes(m, -1, -2), m)
+
+  def not_orthonormal(carry):
+    _, grams, passes = carry
+    error = jnp.max(jnp.abs(grams - identity))
+    # NaN compares false: a non-finite kernel stops instead of looping.
+    return (error >= _ORTHONORMAL_TOL) & (passes < _MAX_POLAR_PASSES)
+
+  def polar_pass(carry):
+    matrices, grams, passes = carry
+    matrices = jax.vmap(_polar_step)(matrices, grams)
+    return matrices, gram(matrices), passes + 1
+
+  matrices, _, _ = jax.lax.while_loop(
+      not_orthonormal, polar_pass, (matrices, gram(matrices), 0))
+  return matrices
+
+
+_ORTHONORMAL_TOL = 1e-5
+_MAX_POLAR_PASSES = 6
+_dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+
+
+def _polar_step(matrix: jax.Array, gram: jax.Array) -> jax.Array:
+  """``A (A^T A)^(-1/2)`` for a tall A: its polar factor, up to float error."""
+  eigenvalues, vectors = jnp.linalg.eigh(gram)
+  # Eigenvalues below ~10 float32 ulps of the largest are rounding noise;
+  # flooring them keeps those directions bounded (the next pass fixes them)
+  # instead of amplifying noise, and a zero kernel finite.
+  floor = jnp.maximum(eigenvalues[-1] * 1e-6, jnp.finfo(jnp.float32).tiny)
+  inverse_sqrt = jax.lax.rsqrt(jnp.maximum(eigenvalues, floor))
+  return _dot(matrix, _dot(vectors * inverse_sqrt, vectors.T))
+
+
+class _Layer(NamedTuple):
+  """Static facts about one convolution, found by tracing the network."""
+  path: tuple[str, ...]
+  elements: int        # output elements per example
+  relu_follows: bool   # what 'post_activation' applies to the output
+
+  @property
+  def name(self) -> str:
+    return '/'.join(self.path)
+
+
+def _measurement_model(model: nn.Module) -> nn.Module:
+  """The network as LSUV runs it: no dropout, no cross-device batch norm.
+
+  `bn_axis_name` only works inside `shard_map`; under plain jit over a
+  sharded batch, batch-norm statistics are global without it.
+  """
+  overrides = {field: value for field, value in
+               (('dropout', False), ('bn_axis_name', None))
+               if hasattr(model, field)}
+  return model.clone(**overrides) if overrides else model
+
+
+def _is_conv_call(module: nn.Module, method_name: str) -> bool:
+  return isinstance(module, nn.Conv) and method_name == '__call__'
+
+
+def _apply(model, variables, batch, **kwargs):
+  # train=True so that batch norm uses the batch's statistics (dropout is off
+  # in the measurement model); the updated running averages are discarded.
+  return model.apply(variables, batch, train=True, mutable=['batch_stats'],
+                     **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _conv_layers(model: nn.Module, example_shape: tuple[int, ...],
+                 dtype: Any) -> tuple[_Layer, ...]:
+  """The convolutions of `model` in call order, by an abstract trace."""
+  found = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if _is_conv_call(context.module, context.method_name):
+      path = tuple(context.module.path)
+      # A ReLU follows every conv of AllConvNet except a class layer without
+      # the class ReLU.
+      relu_follows = not (path[-1] == 'classifier'
+                          and not getattr(model, 'class_relu', True))
+      found.append(_Layer(path, math.prod(out.shape[1:]), relu_follows))
+    return out
+
+  def init():
+    with nn.intercept_methods(interceptor):
+      model.init(jax.random.key(0), jnp.zeros((1, *example_shape), dtype),
+                 train=True)
+
+  jax.eval_shape(init)
+  return tuple(found)
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _replace(tree: Mapping, path: tuple[str, ...], value) -> dict:
+  """A copy of a nested dict with one leaf replaced; `tree` is unchanged."""
+  tree = dict(tree)
+  tree[path[0]] = value if len(path) == 1 else _replace(tree[path[0]],
+                                                        path[1:], value)
+  return tree
+
+
+def _variance(x: jax.Array) -> jax.Array:
+  # One variance over batch, space and channels, as in the paper; float32 so
+  # bfloat16 networks get exact statistics.
+  return jnp.var(x.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------- LSUV
+
+
+def _rescale(out, bias, tol, max_iters, layer: _Layer, relu: bool):
+  """Finds the kernel scale of one layer from its output.
+
+  Args:
+    out: the layer's float32 output ``conv(x, W) + bias``, W orthonormal.
+    bias: the layer's float32 bias (a zero scalar if it has none).
+    tol, max_iters: as for `lsuv_init`.
+    layer: the layer's static facts.
+    relu: measure the variance after a ReLU.
+
+  Returns:
+    Scalars (scale, variance before, variance after, iterations, variance
+    of the output minus the bias); a layer is skipped, with scale 1, when the
+    last is zero or when it has too few elements.
+  """
+  if relu:
+    # The ReLU does not commute with the scale once there is a bias, so each
+    # iteration measures the whole rescaled output again.
+    z = out - bias
+    def variance(scale):
+      return _variance(jax.nn.relu(scale * z + bias))
+    kernel_part = _variance(z)
+  else:
+    # Without a ReLU, var(scale * z + bias) = a scale^2 + 2 b scale + c, with
+    # a = var(z), b = cov(z, bias), c = var(bias) over all output elements.
+    # They follow from per-channel moments of the output, taken once, so the
+    # loop itself is scalar arithmetic. Every array operation costs compile
+    # time (XLA:CPU compiles each separately), hence one reduction for all
+    # the moments over channels.
+    axes = tuple(range(out.ndim - 1))
+    channel_means = jnp.mean(out, axis=axes)
+    channel_var = jnp.mean(jnp.square(out - channel_means), axis=axes)
+    z_means = channel_means - bias
+    bias = jnp.broadcast_to(bias, z_means.shape)
+    m = jnp.mean(jnp.stack([channel_var, z_means, bias, z_means**2,
+                            z_means * bias, bias**2]), axis=1)
+    # Total variance = mean of the channel variances + variance of the means.
+    a = m[0] + m[3] - m[1]**2
+    b = m[4] - m[1] * m[2]
+    c = m[5] - m[2]**2
+    def variance(scale):
+      return (a * scale + 2 * b) * scale + c
+    kernel_part = a
+
+  before = variance(jnp.float32(1))
+  if layer.elements < MIN_ELEMENTS:
+    return jnp.float32(1), before, before, jnp.int32(0), kernel_part
+
+  def cond(carry):
+    _, var, iterations = carry
+    # A kernel that contributes nothing on this batch (the output minus the
+    # bias is constant) cannot change the variance: the loop would only
+    # blow it up. Non-finite variances stop the loop too.
+    usable = (kernel_part > _ZERO_VARIANCE) & jnp.isfinite(var) & (var > 0)
+    return usable & (jnp.abs(var - 1) >= tol) & (iterations < max_iters)
+
+  def body(carry):
+    scale, var, iterations = carry
+    scale = scale / jnp.sqrt(var)
+    return scale, variance(scale), iterations + 1
+
+  scale, after, iterations = jax.lax.while_loop(
+      cond, body, (jnp.float32(1), before, jnp.int32(0)))
+  return scale, before, after, iterations, kernel_part
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'layers', 'measure'))
+def _lsuv_pass(variables, batch, tol, max_iters, *, model, layers, measure):
+  """Orthonormalizes all kernels, then rescales them layer by layer."""
+  params = variables['params']
+  kernel_paths = [layer.path + ('kernel',) for layer in layers]
+  kernels = _orthonormalize_all([_get(params, path) for path in kernel_paths])
+  for path, kernel in zip(kernel_paths, kernels):
+    params = _replace(params, path, kernel)
+  by_path = {layer.path: layer for layer in layers}
+  stats = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if not _is_conv_call(context.module, context.method_name):
+      return out
+    layer = by_path[tuple(context.module.path)]
+    params_here = _get(params, layer.path)
+    bias = params_here.get('bias', jnp.zeros((), jnp.float32))
+    bias = bias.astype(jnp.float32)
+    relu = measure == 'post_activation' and layer.relu_follows
+    out32 = out.astype(jnp.float32)
+    scale, before, after, iterations, kernel_part = _rescale(
+        out32, bias, tol, max_iters, layer, relu)
+    stats[layer.name] = dict(scale=scale, before=before, after=after,
+                             iterations=iterations, kernel_part=kernel_part)
+    # The next layers see this layer as if its kernel were scaled already:
+    # conv(x, scale * W) + b = scale * (out - b) + b.
+    return (scale * out32 + (1 - scale) * bias).astype(out.dtype)
+
+  with nn.intercept_methods(interceptor):
+    _apply(model, dict(variables, params=params), batch)
+  for layer in layers:
+    kernel_path = layer.path + ('kernel',)
+    params = _replace(params, kernel_path,
+                      _get(params, kernel_path) * stats[layer.name]['scale'])
+  return params, stats
+
+
+def _status(layer: _Layer, before: float, kernel_part: float) -> int:
+  """Why a layer was skipped (as `_rescale` decided), or _OK."""
+  if layer.elements < MIN_ELEMENTS:
+    return _FEW_ELEMENTS
+  if not math.isfinite(before):
+    return _NON_FINITE
+  if not kernel_part > _ZERO_VARIANCE:
+    return _ZERO
+  return _OK
+
+
+def _prepare(model, variables, batch, measure):
+  """Checks the arguments; returns the measurement model and its convs."""
+  if measure not in MEASURES:
+    raise UserError(f"measure: unknown measure {measure!r}; allowed: "
+                    f"{', '.join(MEASURES)}")
+  if not isinstance(variables, Mapping) or 'params' not in variables:
+    raise TypeError('variables must be the dict model.init returns, with a '
+                    "'params' entry (and 'batch_stats' with batch norm)")
+  if batch.ndim != 4:
+    raise UserError(f'batch: expected NHWC images, got shape {batch.shape}')
+  if not jnp.issubdtype(batch.dtype, jnp.floating):
+    raise UserError(f'batch: expected preprocessed float images (see '
+                    f'input_pipeline.Preprocessor), got {batch.dtype}')
+  model = _measurement_model(model)
+  layers = _conv_layers(model, tuple(batch.shape[1:]), jnp.dtype(batch.dtype))
+  if not layers:
+    raise UserError(f'model: {type(model).__name__} has no nn.Conv layers '
+                    'to initialize')
+  return model, layers
+
+
+def _without_empty(variables: Mapping) -> dict:
+  # train.TrainState keeps batch_stats={} without batch norm; dropping it
+  # gives the structure model.init returns, and one compiled pass for both.
+  return {k: v for k, v in variables.items() if k == 'params' or v}
+
+
+def _colocate(variables, batch):
+  """Replicates `variables` over the mesh of a sharded batch.
+
+  jit refuses arguments committed to different device sets, and a caller
+  may have initialized the parameters on one device only.
+  """
+  if (isinstance(batch, jax.Array) and isinstance(batch.sharding, NamedSharding)
+      and len(batch.sharding.device_set) > 1):
+    return jax.device_put(variables, NamedSharding(batch.sharding.mesh, P()))
+  return variables
+
+
+def lsuv_init(model: nn.Module, variables: Mapping[str, Any], batch, *,
+              tol: float = 0.1, max_iters: int = 10,
+              measure: str = 'pre_activation') -> tuple[dict, Report]:
+  """LSUV-initializes every convolution of a network; a pure function.
+
+  Args:
+    model: the flax module, e.g. from `models.create` (any ``init``; the
+      kernels are orthonormalized here). Dropout is switched off and
+      ``bn_axis_name`` ignored during the measurement.
+    variables: the variables dict of the model, as `model.init` returns it:
+      ``{'params': ...}`` or ``{'params': ..., 'batch_stats': ...}``. It is
+      not modified.
+    batch: preprocessed float images, NHWC, on one device or sharded over
+      several (see the module docstring). 32-128 images are plenty.
+    tol: stop rescaling a layer when ``|variance - 1| < tol``.
+    max_iters: at most this many rescalings per layer (0 only
+      orthonormalizes and measures).
+    measure: ``'pre_activation'`` or ``'post_activation'`` (see the module
+      docstring).
+
+  Returns:
+    ``(variables, report)``: a new variables dict of the same structure with
+    every conv kernel replaced (same shapes; biases and ``batch_stats``
+    unchanged) and a `Report` of what happened to each layer. Skipped layers
+    and layers that did not converge are also logged as warnings.
+
+  Raises:
+    UserError: for an unknown `measure`, a non-positive `tol`, a negative
+      `max_iters`, or a batch that is not float NHWC images.
+  """
+  if not tol > 0:
+    raise UserError(f'tol: must be positive, got {tol!r}')
+  if not (isinstance(max_iters, (int, np.integer)) and max_iters >= 0):
+    raise UserError(
+        f'max_iters: must be a non-negative integer, got {max_iters!r}')
+  if not isinstance(batch, jax.Array):
+    batch = np.asarray(batch)
+  measure_model, layers = _prepare(model, variables, batch, measure)
+  inputs = _colocate(_without_empty(variables), batch)
+  params, stats = _lsuv_pass(inputs, batch, jnp.float32(tol),
+                             jnp.int32(max_iters), model=measure_model,
+                             layers=layers, measure=measure)
+  stats = jax.device_get(stats)
+
+  reports = []
+  for layer in layers:
+    s = stats[layer.name]
+    status = _status(layer, float(s['before']), float(s['kernel_part']))
+    after = float(s['after'])
+    skipped = status != _OK
+    reason = _SKIP_REASONS.get(status, '')
+    if skipped:
+      logging.warning('LSUV: skipping %s (%s); its kernel stays orthonormal',
+                      layer.name, reason)
+    elif not abs(after - 1) < tol:
+      reason = 'not converged'
+      logging.warning('LSUV: %s has variance %.4g after %d iterations '
+                      '(tol %g)', layer.name, after, int(s['iterations']), tol)
+    reports.append(LayerReport(
+        name=layer.name, elements_per_example=layer.elements,
+        variance_before=float(s['before']), variance_after=after,
+        iterations=int(s['iterations']), scale=float(s['scale']),
+        skipped=skipped, reason=reason))
+  report = Report(layers=tuple(reports), measure=measure, tol=float(tol),
+                  max_iters=int(max_iters), batch_size=int(batch.shape[0]))
+
+  out = dict(variables, params=params)
+  if isinstance(variables, flax.core.FrozenDict):
+    out = flax.core.freeze(out)
+  return out, report
+
+
+# ----------------------------------------------------------------- checking
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'layers', 'measure'))
+def _variances_pass(variables, batch, *, model, layers, measure):
+  _, state = _apply(model, variables, batch,
+                    capture_intermediates=_is_conv_call)
+  variances = {}
+  for layer in layers:
+    (out,) = _get(state['intermediates'], layer.path)['__call__']
+    if measure == 'post_activation' and layer.relu_follows:
+      out = jax.nn.relu(out)
+    variances[layer.name] = _variance(out)
+  return variances
+
+
+def layer_variances(model: nn.Module, variables: Mapping[str, Any], batch, *,
+                    measure: str = 'pre_activation') -> dict[str, float]:
+  """Each convolution's output variance on a batch, measured as LSUV does.
+
+  An independent check of `lsuv_init` (it captures the outputs with flax's
+  ``capture_intermediates`` from a plain forward pass).
+
+  Args:
+    model, variables, batch, measure: as for `lsuv_init`.
+
+  Returns:
+    ``{layer name: variance}``.
+  """
+  if not isinstance(batch, jax.Array):
+    batch = np.asarray(batch)
+  measure_model, layers = _prepare(model, variables, batch, measure)
+  variances = _variances_pass(_colocate(_without_empty(variables), batch),
+                              batch, model=measure_model, layers=layers,
+                              measure=measure)
+  return {name: float(v) for name, v in jax.device_get(variances).items()}
