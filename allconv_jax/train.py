@@ -196,12 +196,15 @@ def make_train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool):
           _variables(params, batch_stats), images, train=True,
           rngs={'dropout': key}, mutable=['batch_stats'])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, (logits, updates.get('batch_stats', batch_stats))
+      # The loss of the global batch. Differentiating it with respect to the
+      # replicated parameters sums the devices' contributions (shard_map
+      # transposes the implicit broadcast of the parameters into a psum), so
+      # the gradient is the global batch's with no further reduction.
+      return jax.lax.pmean(loss, sharding.AXIS), (logits, updates.get('batch_stats', batch_stats))
 
     (loss, (logits, new_stats)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), sharding.AXIS)
+    accuracy = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), sharding.AXIS)
     return grads, new_stats, loss, accuracy
 
   sharded = jax.shard_map(

@@ -531,7 +531,10 @@ def test_corrupt_checkpoints_are_moved_aside_and_the_previous_one_is_used(lab):
   result = lab.result('corrupt')
   workdir = lab.base / 'corrupt'
   assert result.returncode == 0, result.tail()
-  assert 'Traceback' not in result.stderr
+  # Reading a corrupt checkpoint sometimes makes orbax's background event
+  # loop print an asyncio traceback of its own; none may come from the
+  # library's code.
+  assert not re.search(r'File "[^"]*allconv_jax', result.stderr)
   for step in (LAST_STEP, 60):
     warnings = [l for l in result.stderr.splitlines()
                 if f'latest/{step} is unreadable' in l]
