@@ -1,6 +1,6 @@
 """Throughput of All-CNN-C (full width, batch 128): bare steps vs. the full loop.
 
-  python benchmarks/throughput.py              # everything, ~5-6 min on 2 idle cores
+  python benchmarks/throughput.py              # everything, ~4-6 min on 2 idle cores
   python benchmarks/throughput.py --quick      # fewer steps, epochs and cases
   python benchmarks/throughput.py --noxla_ynn  # skip the XLA-flag comparison
 
