@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from allconv_jax import conv
 from allconv_jax.errors import UserError
 
 BASES = ('a', 'b', 'c')
@@ -118,6 +119,7 @@ class AllConvNet(nn.Module):
     kernel_init: initializer of the conv kernels (biases start at zero).
     bn_axis_name: mesh axis over which batch-norm statistics are averaged
       when the model runs inside `shard_map`; None outside it.
+    conv_impl: how convolutions are computed, one of `conv.IMPLS`.
   """
   layers: Sequence[Any]
   dropout: bool = True
@@ -126,6 +128,7 @@ class AllConvNet(nn.Module):
   dtype: Any = jnp.float32
   kernel_init: Any = INITIALIZERS['he_uniform']
   bn_axis_name: str | None = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -150,6 +153,7 @@ class AllConvNet(nn.Module):
             strides=(layer.stride, layer.stride), padding=layer.padding,
             use_bias=not use_bn, dtype=self.dtype, param_dtype=jnp.float32,
             kernel_init=self.kernel_init,
+            conv_general_dilated=conv.conv_general_dilated(self.conv_impl),
             name='classifier' if is_classifier else f'conv{index}')(x)
         if use_bn:
           x = nn.BatchNorm(
@@ -166,8 +170,8 @@ class AllConvNet(nn.Module):
 def create(name: str, num_classes: int = 10, *, width: float = 1.0,
            dropout: bool = True, batch_norm: bool = False,
            class_relu: bool = True, dtype: str = 'float32',
-           init: str = 'he_uniform', bn_axis_name: str | None = None
-           ) -> AllConvNet:
+           init: str = 'he_uniform', bn_axis_name: str | None = None,
+           conv_impl: str = 'auto') -> AllConvNet:
   """Builds one of the twelve networks.
 
   Args:
@@ -181,6 +185,8 @@ def create(name: str, num_classes: int = 10, *, width: float = 1.0,
     init: kernel initializer, one of `INITIALIZERS` (``'lsuv'`` starts from
       ``'orthogonal'``; `allconv_jax.lsuv` rescales it from data).
     bn_axis_name: see `AllConvNet`.
+    conv_impl: one of `conv.IMPLS`; ``'auto'`` picks the fastest measured
+      on the platform.
 
   Returns:
     The `AllConvNet` module.
@@ -199,10 +205,14 @@ def create(name: str, num_classes: int = 10, *, width: float = 1.0,
   if kernel_init not in INITIALIZERS:
     allowed = ', '.join([*INITIALIZERS, 'lsuv'])
     raise UserError(f'init: unknown initializer {init!r}; allowed: {allowed}')
+  if conv_impl not in conv.IMPLS:
+    raise UserError(f"conv_impl: unknown implementation {conv_impl!r}; "
+                    f"allowed: {', '.join(conv.IMPLS)}")
   return AllConvNet(
       layers=tuple(architecture(name, num_classes, width)), dropout=dropout,
       batch_norm=batch_norm, class_relu=class_relu, dtype=DTYPES[dtype],
-      kernel_init=INITIALIZERS[kernel_init], bn_axis_name=bn_axis_name)
+      kernel_init=INITIALIZERS[kernel_init], bn_axis_name=bn_axis_name,
+      conv_impl=conv_impl)
 
 
 def summary(model: nn.Module, image_shape=(32, 32, 3)) -> str:

@@ -24,7 +24,7 @@ from absl import logging
 from clu import metrics
 from jax.sharding import PartitionSpec as P
 
-from allconv_jax import (checkpoints, datasets, input_pipeline, models,
+from allconv_jax import (checkpoints, conv, datasets, input_pipeline, models,
                          reporting, sharding, transfer)
 from allconv_jax.errors import UserError
 
@@ -92,6 +92,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f"unknown schedule {config.lr_schedule!r}; allowed: {', '.join(SCHEDULES)}")
   need(config.dtype in models.DTYPES, 'dtype',
        f"unknown dtype {config.dtype!r}; allowed: {', '.join(models.DTYPES)}")
+  need(config.conv_impl in conv.IMPLS, 'conv_impl',
+       f"unknown implementation {config.conv_impl!r}; allowed: {', '.join(conv.IMPLS)}")
   inits = [*models.INITIALIZERS, 'lsuv']
   need(config.init in inits, 'init',
        f"unknown initializer {config.init!r}; allowed: {', '.join(inits)}")
@@ -153,7 +155,8 @@ def create_model(config, num_classes: int, bn_axis_name: str | None = None):
   return models.create(
       config.model, num_classes, width=config.width, dropout=config.dropout,
       batch_norm=config.batch_norm, class_relu=config.class_relu,
-      dtype=config.dtype, init=config.init, bn_axis_name=bn_axis_name)
+      dtype=config.dtype, init=config.init, bn_axis_name=bn_axis_name,
+      conv_impl=config.conv_impl)
 
 
 def architecture_meta(config, num_classes: int) -> dict:

@@ -8,6 +8,9 @@ import sys
 import pytest
 from absl import flags
 
+# First, so that the library's XLA flags apply to the in-process tests too.
+import allconv_jax  # pylint: disable=unused-import
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # For `from configs import ...`.
 

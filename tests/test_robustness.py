@@ -341,6 +341,7 @@ BAD_INPUTS = [
     ('unknown-optimizer', ['--config.optimizer=adagrad'], 'optimizer', 'fresh'),
     ('unknown-schedule', ['--config.lr_schedule=cosine'], 'lr_schedule', 'fresh'),
     ('unknown-dtype', ['--config.dtype=float16'], 'dtype', 'fresh'),
+    ('unknown-conv-impl', ['--config.conv_impl=winograd'], 'conv_impl', 'fresh'),
     ('unknown-init', ['--config.init=xavier'], 'init', 'fresh'),
     ('batch-size-0', ['--config.batch_size=0'], 'batch_size', 'fresh'),
     ('negative-lr', ['--config.learning_rate=-0.1'], 'learning_rate', 'trained'),

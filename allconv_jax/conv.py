@@ -1,0 +1,152 @@
+"""Convolution implementations, chosen for speed per platform.
+
+XLA differentiates a strided convolution by convolving the output gradient,
+dilated with zeros, with the kernel: for stride 2 three quarters of the
+multiply-adds are by those zeros, and on this library's CPU measurements the
+input gradients of the two stride-2 layers of All-CNN-C cost as much as the
+rest of their layers. `subpixel` computes the same input gradient without
+the zeros: each of the s*s phases of the input (rows r, r+s, ...; columns q,
+q+s, ...) receives gradient from the kernel taps of its own phase only, a
+stride-1 convolution of the output gradient with that sub-kernel; the phases
+are then interleaved. The forward pass and the weight gradient stay XLA's.
+
+`IMPLS`:
+
+* ``native``: `lax.conv_general_dilated` as it is.
+* ``subpixel``: as above for strided convolutions; others are native.
+* ``auto``: ``subpixel`` on CPU, ``native`` on GPU and TPU, whose
+  convolution libraries handle strides themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ('auto', 'native', 'subpixel')
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                 out_spec=(0, 3, 1, 2))
+
+
+def resolve(impl: str) -> str:
+  """Returns the implementation `impl` stands for on the default backend."""
+  if impl == 'auto':
+    return 'subpixel' if jax.default_backend() == 'cpu' else 'native'
+  return impl
+
+
+def conv_general_dilated(impl: str):
+  """Returns a drop-in `lax.conv_general_dilated` for `flax.linen.Conv`.
+
+  Args:
+    impl: one of `IMPLS`.
+  """
+  if resolve(impl) == 'native':
+    return lax.conv_general_dilated
+  return _subpixel_conv
+
+
+def _native(x, w, strides, pads, precision=None):
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
+                                  precision=precision)
+
+
+def _subpixel_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                   rhs_dilation=None, dimension_numbers=None,
+                   feature_group_count=1, batch_group_count=1, precision=None,
+                   preferred_element_type=None):
+  """`lax.conv_general_dilated` whose input gradient skips the zeros."""
+  strides = tuple(window_strides)
+  plain = (all(d == 1 for d in (lhs_dilation or ())) and
+           all(d == 1 for d in (rhs_dilation or ())) and
+           feature_group_count == 1 and batch_group_count == 1 and
+           preferred_element_type is None and lhs.ndim == 4 and
+           lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == _NHWC)
+  if not plain or all(s == 1 for s in strides):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        dimension_numbers, feature_group_count, batch_group_count, precision,
+        preferred_element_type)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides,
+                                  padding)
+  pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+  return _strided_conv(lhs, rhs, strides, pads, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _strided_conv(x, w, strides, pads, precision):
+  return _native(x, w, strides, pads, precision)
+
+
+def _strided_conv_fwd(x, w, strides, pads, precision):
+  return _native(x, w, strides, pads, precision), (x, w)
+
+
+def _strided_conv_bwd(strides, pads, precision, residuals, g):
+  x, w = residuals
+  _, weight_vjp = jax.vjp(lambda w: _native(x, w, strides, pads, precision), w)
+  return (_input_grad(g, w, x.shape, strides, pads, precision),
+          weight_vjp(g)[0])
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def _phase(size: int, kernel: int, stride: int, pad_lo: int, out_size: int,
+           r: int):
+  """Taps and padding of input phase `r` along one spatial dimension.
+
+  The forward pass is ``y[i] = sum_k x[s*i + k - pad_lo] * w[k]``, so input
+  position ``m = s*p + r`` meets the taps ``k = k0 + s*t`` (``k0`` the tap
+  congruent to ``r + pad_lo``) at outputs ``i = p + c - t``; as a stride-1
+  correlation of the output gradient with the taps reversed, that is a
+  window starting ``c - (T - 1)`` positions before ``p``.
+
+  Returns:
+    (first tap ``k0``, number of taps, gradient padding (lo, hi), phase
+    length).
+  """
+  k0 = (r + pad_lo) % stride
+  count = len(range(k0, kernel, stride))
+  length = math.ceil((size - r) / stride)
+  lo = count - 1 - (r + pad_lo - k0) // stride
+  hi = length + count - 1 - out_size - lo
+  return k0, count, (lo, hi), length
+
+
+def _input_grad(g, w, x_shape, strides: Sequence[int], pads, precision):
+  """The gradient of a strided NHWC convolution with respect to its input."""
+  n, height, width, channels = x_shape
+  (sh, sw), ((ph, _), (pw, _)) = strides, pads
+  rows = math.ceil(height / sh)
+  cols = math.ceil(width / sw)
+  # The transposed kernel maps output channels back to input channels.
+  w_t = jnp.swapaxes(w, 2, 3)
+  phases = []
+  for r in range(sh):
+    row = []
+    kh, taps_h, pad_h, len_h = _phase(height, w.shape[0], sh, ph, g.shape[1], r)
+    for q in range(sw):
+      kw, taps_w, pad_w, len_w = _phase(width, w.shape[1], sw, pw, g.shape[2], q)
+      if taps_h and taps_w:
+        sub = w_t[kh::sh, kw::sw][::-1, ::-1]  # Correlation order.
+        grad = lax.conv_general_dilated(
+            lax.pad(g, jnp.zeros((), g.dtype),
+                    ((0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0))),
+            sub, (1, 1), 'VALID', dimension_numbers=_NHWC, precision=precision)
+      else:  # A kernel narrower than the stride never touches this phase.
+        grad = jnp.zeros((n, len_h, len_w, channels), g.dtype)
+      # Phases past the end are one shorter; pad them to stack and interleave.
+      row.append(jnp.pad(grad, ((0, 0), (0, rows - len_h), (0, cols - len_w),
+                                (0, 0))))
+    phases.append(jnp.stack(row, axis=3))
+  grad = jnp.stack(phases, axis=2)  # (n, rows, sh, cols, sw, channels)
+  grad = grad.reshape(n, rows * sh, cols * sw, channels)
+  return grad[:, :height, :width]

@@ -1,0 +1,154 @@
+"""The subpixel convolution agrees with XLA's; the CPU flags take effect."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from allconv_jax import conv, models, xla_flags
+from allconv_jax.errors import UserError
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _strided_convs():
+  """(input size, kernel, stride, padding) of every strided conv of the twelve."""
+  cases = set()
+  for name in models.NAMES:
+    size = 32
+    for layer in models.architecture(name, 10):
+      if isinstance(layer, models.Pool):
+        size = -(-size // 2)
+      elif isinstance(layer, models.Conv):
+        if layer.stride > 1:
+          cases.add((size, layer.kernel, layer.stride, layer.padding))
+        size = (-(-size // layer.stride) if layer.padding == 'SAME'
+                else (size - layer.kernel) // layer.stride + 1)
+  return sorted(cases)
+
+
+# Beyond the networks: odd sizes, stride 3, a kernel narrower than the stride,
+# explicit asymmetric padding.
+CASES = _strided_convs() + [(7, 3, 2, 'SAME'), (9, 5, 3, 'VALID'),
+                            (8, 1, 3, 'SAME'), (11, 4, 2, ((2, 0), (1, 3)))]
+
+
+def test_the_networks_have_strided_convs_of_each_kind():
+  # 5x5 (strided_cnn_a), 1x1 (strided_cnn_b), 3x3 (the others) at 32 and 16.
+  assert {(s, k) for s, k, _, _ in _strided_convs()} == {
+      (32, 5), (16, 5), (32, 1), (16, 1), (32, 3), (16, 3)}
+
+
+@pytest.mark.parametrize('size,kernel,stride,padding', CASES)
+def test_subpixel_matches_native_forward_and_gradients(size, kernel, stride, padding):
+  rng = np.random.default_rng(size * 100 + kernel * 10 + stride)
+  x = jnp.asarray(rng.standard_normal((2, size, size + 1, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((kernel, kernel, 3, 5)), jnp.float32)
+
+  def run(impl):
+    fn = conv.conv_general_dilated(impl)
+    def loss(x, w):
+      y = fn(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+      # A non-uniform cotangent, so every output position matters.
+      return jnp.sum(jnp.sin(y)), y
+    (_, y), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, w)
+    return y, *grads
+
+  native, subpixel = run('native'), run('subpixel')
+  for what, a, b in zip(('output', 'input gradient', 'kernel gradient'),
+                        native, subpixel):
+    assert a.shape == b.shape, what
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))),
+                               err_msg=what)
+
+
+def test_whole_network_gradients_agree():
+  """All-CNN-C (two stride-2 convs) at a small width, every parameter."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)),
+                  jnp.float32)
+  labels = jnp.arange(4) % 10
+
+  def grads(impl):
+    model = models.create('all_cnn_c', 10, width=0.125, dropout=False,
+                          conv_impl=impl)
+    params = model.init(jax.random.key(0), x)['params']
+    def loss(p):
+      logits = model.apply({'params': p}, x)
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+    return jax.grad(loss)(params)
+
+  native, subpixel = grads('native'), grads('subpixel')
+  for path, a in jax.tree_util.tree_leaves_with_path(native):
+    b = subpixel
+    for key in path:
+      b = b[key.key]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_subpixel_in_bfloat16():
+  x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)
+  w = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+  fn = conv.conv_general_dilated('subpixel')
+  dx = jax.grad(lambda x: jnp.sum(fn(x, w, (2, 2), 'SAME', dimension_numbers=NHWC)
+                                  .astype(jnp.float32)))(x)
+  ref = jax.grad(lambda x: jnp.sum(lax.conv_general_dilated(
+      x, w, (2, 2), 'SAME', dimension_numbers=NHWC).astype(jnp.float32)))(x)
+  assert dx.dtype == jnp.bfloat16
+  np.testing.assert_allclose(dx.astype(np.float32), ref.astype(np.float32))
+
+
+def test_auto_is_subpixel_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  assert conv.resolve('auto') == 'subpixel'
+  assert conv.conv_general_dilated('native') is lax.conv_general_dilated
+
+
+def test_unknown_impl_is_a_user_error():
+  with pytest.raises(UserError, match='conv_impl:.*allowed: auto, native, subpixel'):
+    models.create('all_cnn_c', conv_impl='winograd')
+
+
+_PROBE = """
+import os, sys
+import allconv_jax
+import jax, jax.numpy as jnp
+from jax import lax
+f = jax.jit(lambda x, w: jax.nn.relu(lax.conv_general_dilated(
+    x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))))
+hlo = f.lower(jnp.zeros((8, 32, 32, 32)), jnp.zeros((3, 3, 32, 32))).compile().as_text()
+print(os.environ.get('XLA_FLAGS', ''))
+print('ynn' in hlo)
+"""
+
+
+def _probe(env_update):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('XLA_FLAGS', xla_flags.OPT_OUT)}
+  env.update(env_update)
+  out = subprocess.run([sys.executable, '-c', _PROBE], env=env, check=True,
+                       capture_output=True, text=True).stdout.splitlines()
+  return out[0], out[1] == 'True'
+
+
+def test_cpu_flags_are_applied_on_import_and_turn_ynnpack_off():
+  flags, uses_ynn = _probe({})
+  assert flags == '--xla_cpu_experimental_ynn_fusion_type='
+  assert not uses_ynn
+  # XLA's default, for contrast: the same convolution goes to YNNPACK.
+  flags, uses_ynn = _probe({xla_flags.OPT_OUT: '0'})
+  assert flags == '' and uses_ynn
+
+
+def test_a_flag_the_user_set_is_kept():
+  mine = '--xla_cpu_experimental_ynn_fusion_type=individual_convolution'
+  flags, _ = _probe({'XLA_FLAGS': f'--xla_force_host_platform_device_count=2 {mine}'})
+  assert flags == f'--xla_force_host_platform_device_count=2 {mine}'
+  flags, _ = _probe({'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  assert flags == ('--xla_force_host_platform_device_count=2 '
+                   '--xla_cpu_experimental_ynn_fusion_type=')
