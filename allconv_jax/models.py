@@ -27,7 +27,7 @@ names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -118,6 +118,9 @@ class AllConvNet(nn.Module):
     kernel_init: initializer of the conv kernels (biases start at zero).
     bn_axis_name: mesh axis over which batch-norm statistics are averaged
       when the model runs inside `shard_map`; None outside it.
+    activation: the ReLU; `allconv_jax.visualize` swaps in ReLUs with other
+      backward passes. Each layer's output after it is sown into the
+      ``intermediates`` collection as ``'<layer>_activation'``.
   """
   layers: Sequence[Any]
   dropout: bool = True
@@ -126,6 +129,7 @@ class AllConvNet(nn.Module):
   dtype: Any = jnp.float32
   kernel_init: Any = INITIALIZERS['he_uniform']
   bn_axis_name: str | None = None
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -158,7 +162,11 @@ class AllConvNet(nn.Module):
               axis_name=self.bn_axis_name if train else None,
               name=f'bn{index}')(x)
         if not is_classifier or self.class_relu:
-          x = nn.relu(x)
+          x = self.activation(x)
+        # A no-op unless 'intermediates' is mutable. Not under the conv's own
+        # name: capture_intermediates stores the conv's outputs there.
+        layer_name = 'classifier' if is_classifier else f'conv{index}'
+        self.sow('intermediates', f'{layer_name}_activation', x)
     # Average and softmax in float32 so bfloat16 runs keep an exact loss.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
