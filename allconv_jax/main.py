@@ -2,6 +2,7 @@
 
   python -m allconv_jax.main --config=configs/digits.py --workdir=workdirs/digits
   python -m allconv_jax.main --config=configs/digits.py --workdir=workdirs/digits --mode=eval
+  python -m allconv_jax.main --config=configs/digits.py --workdir=workdirs/digits --mode=visualize
 
 Any config field can be overridden, e.g. ``--config.num_epochs=10``. A
 mistake the user can fix (bad value, missing file, mismatching checkpoint)
@@ -26,9 +27,12 @@ from allconv_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                  'train (resumes if the workdir has a checkpoint) or eval '
-                  '(best checkpoint on the test split; prints one JSON line).')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'visualize'],
+                  'train (resumes if the workdir has a checkpoint), eval '
+                  '(best checkpoint on the test split; prints one JSON line) '
+                  'or visualize (guided backprop, deconvnet and saliency maps '
+                  'of the best checkpoint into <workdir>/visualizations/; '
+                  'prints one JSON line).')
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -52,8 +56,12 @@ def main(argv):
       summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
       logging.info('done: %s', summary)
       print(json.dumps(summary), flush=True)
-    else:
+    elif FLAGS.mode == 'eval':
       print(json.dumps(train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)),
+            flush=True)
+    else:
+      from allconv_jax import visualize  # pylint: disable=g-import-not-at-top
+      print(json.dumps(visualize.visualize_checkpoint(FLAGS.config, FLAGS.workdir)),
             flush=True)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -120,6 +120,9 @@ class AllConvNet(nn.Module):
     bn_axis_name: mesh axis over which batch-norm statistics are averaged
       when the model runs inside `shard_map`; None outside it.
     conv_impl: how convolutions are computed, one of `conv.IMPLS`.
+    activation: the ReLU; `allconv_jax.visualize` swaps in ReLUs with other
+      backward passes. Each layer's output after it is sown into the
+      ``intermediates`` collection as ``'<layer>_activation'``.
   """
   layers: Sequence[Any]
   dropout: bool = True
@@ -129,6 +132,7 @@ class AllConvNet(nn.Module):
   kernel_init: Any = INITIALIZERS['he_uniform']
   bn_axis_name: str | None = None
   conv_impl: str = 'auto'
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -147,6 +151,7 @@ class AllConvNet(nn.Module):
       else:
         index += 1
         is_classifier = index == len(convs)
+        name = 'classifier' if is_classifier else f'conv{index}'
         use_bn = self.batch_norm and not is_classifier
         x = nn.Conv(
             layer.features, (layer.kernel, layer.kernel),
@@ -154,7 +159,7 @@ class AllConvNet(nn.Module):
             use_bias=not use_bn, dtype=self.dtype, param_dtype=jnp.float32,
             kernel_init=self.kernel_init,
             conv_general_dilated=conv.conv_general_dilated(self.conv_impl),
-            name='classifier' if is_classifier else f'conv{index}')(x)
+            name=name)(x)
         if use_bn:
           x = nn.BatchNorm(
               use_running_average=not train, momentum=0.9,
@@ -162,7 +167,10 @@ class AllConvNet(nn.Module):
               axis_name=self.bn_axis_name if train else None,
               name=f'bn{index}')(x)
         if not is_classifier or self.class_relu:
-          x = nn.relu(x)
+          x = self.activation(x)
+        # A no-op unless 'intermediates' is mutable. Not under the conv's own
+        # name: capture_intermediates stores the conv's outputs there.
+        self.sow('intermediates', f'{name}_activation', x)
     # Average and softmax in float32 so bfloat16 runs keep an exact loss.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 

@@ -120,6 +120,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Feature-extractor mode: train only the re-initialized layers.
   config.transfer.freeze = False
 
+  # --mode=visualize (see allconv_jax/visualize.py): guided backpropagation,
+  # deconvnet and saliency maps of the best checkpoint, written to
+  # <workdir>/visualizations/<layer>.png.
+  config.visualize = ml_collections.ConfigDict()
+  # Comma-separated layers (conv1, conv2, ..., classifier); '' = a low, a
+  # middle and a top hidden layer, e.g. conv1, conv4, conv8 of All-CNN-C.
+  config.visualize.layers = ''
+  # Comma-separated channel indices drawn for every chosen layer; '' = each
+  # layer's num_units channels of highest mean activation on the test split.
+  config.visualize.units = ''
+  config.visualize.num_units = 4
+  # Test images per unit: those on which its mean activation is highest.
+  config.visualize.num_images = 4
+
   # Several processes (hosts). Single-process runs leave this alone; every
   # local device is used either way. Unset fields are detected by JAX in
   # SLURM, Open MPI and Cloud TPU environments.
