@@ -180,7 +180,8 @@ def init_state(model, tx, seed: int, mesh) -> TrainState:
   return init()
 
 
-def _variables(params, batch_stats):
+def model_variables(params, batch_stats) -> dict:
+  """The variables `model.apply` takes: params, and batch stats if any."""
   return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
 
 
@@ -196,7 +197,7 @@ def make_train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool):
 
     def loss_fn(params):
       logits, updates = model.apply(
-          _variables(params, batch_stats), images, train=True,
+          model_variables(params, batch_stats), images, train=True,
           rngs={'dropout': key}, mutable=['batch_stats'])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       # The loss of the global batch. Differentiating it with respect to the
@@ -237,7 +238,7 @@ def make_train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool):
 def make_eval_step(model, mesh):
   """Returns the jitted `(state, images, labels, mask) -> EvalMetrics`."""
   def device_step(params, batch_stats, images, labels):
-    logits = model.apply(_variables(params, batch_stats), images, train=False)
+    logits = model.apply(model_variables(params, batch_stats), images, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return loss, jnp.argmax(logits, -1) == labels
 
@@ -338,6 +339,18 @@ class Run:
           gcn_zca=config.preprocess.gcn_zca,
           zca_epsilon=config.preprocess.zca_epsilon)
     self.preprocess_path = preprocess_path
+
+  def restore_best(self):
+    """Returns (state, meta) of the best checkpoint.
+
+    Raises:
+      UserError: when the workdir has no checkpoint.
+    """
+    if checkpoints.latest_step(self.checkpoints.best_dir) is None:
+      raise UserError(f'workdir: no checkpoint in {self.workdir}; train first')
+    template = dict(state=self.state, train_metrics=self.train_metrics)
+    tree, meta = checkpoints.restore(self.checkpoints.best_dir, template, self.meta)
+    return tree['state'], meta
 
   def test_arrays(self):
     return self.preprocessor(self.data.test.images), self.data.test.labels
@@ -538,7 +551,7 @@ def _lsuv(run: Run, state: TrainState, train_images: np.ndarray,
                    replace=False)
   idx = np.sort(idx)[sharding.local_slice(len(idx))]
   batch, = sharding.global_batch(run.mesh, train_images[idx])
-  variables = _variables(state.params, state.batch_stats)
+  variables = model_variables(state.params, state.batch_stats)
   start = time.time()
   variables, report = lsuv.lsuv_init(run.model, variables, batch, tol=cfg.tol,
                                      max_iters=cfg.max_iters, measure=cfg.measure)
@@ -559,11 +572,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     ``{'test_accuracy', 'test_loss', 'step'}``.
   """
   run = Run(config, workdir)
-  if checkpoints.latest_step(run.checkpoints.best_dir) is None:
-    raise UserError(f'workdir: no checkpoint in {workdir}; train first')
-  template = dict(state=run.state, train_metrics=run.train_metrics)
-  tree, meta = checkpoints.restore(run.checkpoints.best_dir, template, run.meta)
-  state = jax.device_put(tree['state'], sharding.replicated(run.mesh))
+  state, meta = run.restore_best()
+  state = jax.device_put(state, sharding.replicated(run.mesh))
   images, labels = run.test_arrays()
   eval_step = make_eval_step(create_model(config, run.num_classes), run.mesh)
   test = evaluate(eval_step, state, run.mesh, images, labels,

@@ -36,7 +36,6 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -47,7 +46,7 @@ from absl import logging
 matplotlib.use('Agg')  # Headless: runs on servers and in CI.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from allconv_jax import checkpoints, input_pipeline, models, train  # pylint: disable=g-import-not-at-top
+from allconv_jax import input_pipeline, models, train  # pylint: disable=g-import-not-at-top
 from allconv_jax.errors import UserError
 
 METHODS = ('guided', 'deconvnet', 'saliency')
@@ -131,10 +130,6 @@ def _ends_in_relu(model: models.AllConvNet, layer: str) -> bool:
 
 
 # ----------------------------------------------------------------- maps
-
-
-def _eval_variables(params, batch_stats) -> dict:
-  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
 
 
 def _layer_output(model, variables, images, layer):
@@ -343,12 +338,9 @@ def visualize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dic
   model = train.create_model(config, run.num_classes)
   settings = config.visualize
   layers, chosen_units = resolve_targets(model, settings)
-  if checkpoints.latest_step(run.checkpoints.best_dir) is None:
-    raise UserError(f'workdir: no checkpoint in {workdir}; train first')
-  template = dict(state=run.state, train_metrics=run.train_metrics)
-  tree, meta = checkpoints.restore(run.checkpoints.best_dir, template, run.meta)
-  state = jax.device_get(tree['state'])
-  variables = _eval_variables(state.params, state.batch_stats)
+  state, meta = run.restore_best()
+  state = jax.device_get(state)
+  variables = train.model_variables(state.params, state.batch_stats)
   images, labels = run.test_arrays()
   raw_images = run.data.test.images
 
