@@ -8,7 +8,8 @@ rest of their layers. `subpixel` computes the same input gradient without
 the zeros: each of the s*s phases of the input (rows r, r+s, ...; columns q,
 q+s, ...) receives gradient from the kernel taps of its own phase only, a
 stride-1 convolution of the output gradient with that sub-kernel; the phases
-are then interleaved. The forward pass and the weight gradient stay XLA's.
+are then interleaved. The forward pass and the weight gradient stay XLA's
+(the same phase split of the weight gradient measured slower than XLA's).
 
 `IMPLS`:
 
