@@ -222,12 +222,18 @@ def test_sharded_step_equals_one_device_step(step_results, case):
   assert r['loss_n'] == pytest.approx(r['loss_1'], rel=1e-5, abs=1e-5)
   assert r['accuracy_n'] == r['accuracy_1']
   # The gradients (the momentum trace after one step) are not tiny, and agree
-  # to 1e-5; a ratio of norms of N would mean summed instead of averaged.
+  # to float32 rounding; a ratio of norms of N would mean summed instead of
+  # averaged, and batch norm with per-device statistics would differ by the
+  # order of the gradient itself (each device's images have other statistics).
+  # With batch norm, the statistics are sums over 2 x 32 x 32 values per device
+  # (pmean'd) or 8 x 32 x 32 on one device, which XLA:CPU accumulates in
+  # float32 in different orders: agreement to 1e-4 of the gradient's scale.
+  tolerance = (1e-4 if case == 'bn' else 1e-5) * max(1.0, r['grad_scale'])
   assert r['grad_scale'] > 1e-2
-  assert r['grad_diff'] <= 1e-5 * max(1.0, r['grad_scale']), (
+  assert r['grad_diff'] <= tolerance, (
       f"sharded gradient differs from the 1-device one by {r['grad_diff']:.3g} "
       f"(its norm is x{r['grad_norm_ratio']:.4f} the 1-device norm): {r}")
-  assert r['opt_state_diff'] <= 1e-5 * max(1.0, r['grad_scale']), r
+  assert r['opt_state_diff'] <= tolerance, r
   assert r['params_moved'] > 1e-3
   assert r['params_diff'] <= 1e-5, r
   if case == 'bn':
