@@ -5,10 +5,9 @@ from __future__ import annotations
 import csv
 import os
 
-import matplotlib
-
-matplotlib.use('Agg')  # Headless: runs on servers and in CI.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+# The Figure API needs no GUI backend and leaves pyplot's (and a notebook's)
+# alone.
+from matplotlib.figure import Figure
 
 COLUMNS = ('epoch', 'step', 'learning_rate', 'train_loss', 'train_accuracy',
            'test_loss', 'test_accuracy', 'seconds')
@@ -39,7 +38,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
 def plot_curves(rows: list[dict], path: str, title: str = '') -> None:
   """Draws loss and accuracy per epoch, train and test, into a PNG."""
   epochs = [r['epoch'] for r in rows]
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  fig = Figure(figsize=(11, 4))
+  ax_loss, ax_acc = fig.subplots(1, 2)
   for split, style in (('train', '-'), ('test', '--')):
     ax_loss.plot(epochs, [r[f'{split}_loss'] for r in rows], style, label=split)
     ax_acc.plot(epochs, [100 * r[f'{split}_accuracy'] for r in rows], style,
@@ -54,5 +54,4 @@ def plot_curves(rows: list[dict], path: str, title: str = '') -> None:
   fig.tight_layout()
   tmp = path + '.tmp.png'
   fig.savefig(tmp, dpi=100)
-  plt.close(fig)
   os.replace(tmp, path)

@@ -38,15 +38,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import logging
+from matplotlib.figure import Figure  # No GUI backend needed, none changed.
 
-matplotlib.use('Agg')  # Headless: runs on servers and in CI.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-from allconv_jax import input_pipeline, models, train  # pylint: disable=g-import-not-at-top
+from allconv_jax import input_pipeline, models, train
 from allconv_jax.errors import UserError
 
 METHODS = ('guided', 'deconvnet', 'saliency')
@@ -293,9 +290,9 @@ def draw(path: str, title: str, rows: Sequence[dict]) -> None:
   """
   columns = ['image', *METHODS]
   # Constrained layout leaves room for the suptitle and the row labels.
-  fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
-                           figsize=(1.6 * len(columns) + 0.6, 1.6 * len(rows) + 0.6),
-                           layout='constrained')
+  fig = Figure(figsize=(1.6 * len(columns) + 0.6, 1.6 * len(rows) + 0.6),
+               layout='constrained')
+  axes = fig.subplots(len(rows), len(columns), squeeze=False)
   for r, row in enumerate(rows):
     for c, column in enumerate(columns):
       ax = axes[r, c]
@@ -309,7 +306,6 @@ def draw(path: str, title: str, rows: Sequence[dict]) -> None:
   fig.suptitle(title, fontsize=10)
   tmp = path + '.tmp.png'
   fig.savefig(tmp, dpi=100)
-  plt.close(fig)
   os.replace(tmp, path)
 
 
