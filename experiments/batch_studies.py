@@ -1,0 +1,467 @@
+"""The second reference's studies over the first few thousand batches.
+
+One network is trained once per variant of a study for the first `--steps`
+batches, from the same seed (same initial kernels where the variants allow,
+same batch order, augmentation and dropout randomness), with the test split
+evaluated every `--eval_every` steps. The studies (`--study`):
+
+* ``init``: LSUV, Glorot normal, He uniform, Gaussian (std 0.01).
+* ``augmentation``: cumulative, as in the reference: none, + random shift
+  (10%), + horizontal flip, + per-channel normalization, + GCN and ZCA
+  whitening. Without normalization the inputs are scaled to [0, 1].
+* ``regularization``: the paper's dropout, batch norm, both, neither.
+* ``optimizer``: SGD with Nesterov momentum, RMSProp, Adam.
+
+Every variant changes only its study's fields of a shared protocol, that of
+the reference: All-CNN-C, batches of 32, SGD at 0.01 with Nesterov momentum
+0.9 (its Keras ``decay=1e-6`` changes the rate by 0.3% over 3000 steps and is
+left out), the paper's dropout, random shifts of up to 10% (plus flips on
+CIFAR), per-channel normalization, and LSUV initialization (`--init`; the
+init study varies it). Writes to `--out`:
+
+* ``<study>.png`` (``init_study.png`` for ``init``): training and test loss
+  and accuracy against step;
+* ``results.md``: the setup and the test accuracy at fixed step counts;
+* ``results.json``: every curve, for re-plotting (`--replot`).
+
+Paper scale (CIFAR-10, 3000 batches, full width; hours on a CPU):
+
+  python experiments/batch_studies.py --study=augmentation --dataset=cifar10 \\
+      --archive=/path/to/cifar-10-binary.tar.gz
+
+CPU budget, offline on scikit-learn's digits (about a minute per variant
+on 2 cores):
+
+  python experiments/batch_studies.py --study=regularization --dataset=digits \\
+      --width=0.25 --steps=500 --eval_every=25
+
+`experiments/init_study.py` is ``--study=init`` under its historical name.
+Everything but the loop is the library's: `train.make_optimizer`,
+`train.init_state`, `train.make_train_step`, `train.evaluate`, the
+`input_pipeline` and `sharding` modules, and `lsuv.lsuv_init` for LSUV
+(which starts from orthogonal kernels, as `models.create(init='lsuv')` does).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # Puts the repository root on sys.path.
+
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from absl import app, flags, logging
+
+from allconv_jax import datasets, input_pipeline, lsuv, models, sharding, train
+from allconv_jax.errors import UserError
+from configs import default
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One run of a study: a name, a plot label and its config changes."""
+  name: str
+  label: str
+  overrides: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """A list of variants; `slug` names its PNG and results folder."""
+  title: str
+  slug: str
+  variants: tuple[Variant, ...]
+  varies: str  # What the variants change, for results.md.
+
+
+def _augmentation(shift: bool, flip: bool, normalize: bool, zca: bool) -> dict:
+  return {'augment.translate': 0.1 if shift else 0.0, 'augment.flip': flip,
+          'preprocess.standardize': normalize, 'preprocess.gcn_zca': zca}
+
+
+STUDIES = {
+    'init': Study('Initializer study', 'init_study', (
+        Variant('lsuv', 'LSUV', {'init': 'lsuv'}),
+        Variant('glorot_normal', 'Glorot normal', {'init': 'glorot_normal'}),
+        Variant('he_uniform', 'He uniform', {'init': 'he_uniform'}),
+        Variant('gaussian', 'Gaussian (std 0.01)', {'init': 'gaussian'}),
+    ), 'the kernel initializer'),
+    'augmentation': Study('Augmentation and preprocessing study',
+                          'augmentation', (
+        Variant('none', 'none (inputs in [0, 1])',
+                _augmentation(False, False, False, False)),
+        Variant('shift', 'shift', _augmentation(True, False, False, False)),
+        Variant('shift_flip', 'shift + flip',
+                _augmentation(True, True, False, False)),
+        Variant('shift_flip_norm', 'shift + flip + normalization',
+                _augmentation(True, True, True, False)),
+        Variant('shift_flip_norm_zca', 'shift + flip + normalization + ZCA',
+                _augmentation(True, True, True, True)),
+    ), 'augmentation (random shift by up to 10% of the side, horizontal flip) '
+       'and preprocessing (per-channel normalization; global contrast '
+       'normalization and ZCA whitening, epsilon 0.01, before it)'),
+    'regularization': Study('Regularization study', 'regularization', (
+        Variant('dropout', 'dropout', {'dropout': True, 'batch_norm': False}),
+        Variant('batch_norm', 'batch norm',
+                {'dropout': False, 'batch_norm': True}),
+        Variant('both', 'dropout + batch norm',
+                {'dropout': True, 'batch_norm': True}),
+        Variant('neither', 'neither', {'dropout': False, 'batch_norm': False}),
+    ), "the paper's dropout (20% input, 50% after each stride-2 stage) and "
+       'batch norm after every hidden conv'),
+    'optimizer': Study('Optimizer study', 'optimizer', (
+        Variant('sgd', 'SGD 0.01, Nesterov 0.9', {}),
+        # The reference's Keras RMSprop has rho=0 and a learning-rate decay
+        # of 1e-3 per step; this is optax's RMSProp (decay 0.9), no momentum,
+        # at a constant rate.
+        Variant('rmsprop', 'RMSProp 0.001',
+                {'optimizer': 'rmsprop', 'learning_rate': 0.001,
+                 'momentum': 0.0}),
+        Variant('adam', 'Adam 0.001',
+                {'optimizer': 'adam', 'learning_rate': 0.001}),
+    ), 'the optimizer (the learning rates are the reference\'s)'),
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('study', None, list(STUDIES), 'Which study to run.')
+flags.DEFINE_list('variants', None, "Variants to run (default: all of the "
+                  "study's).")
+flags.DEFINE_enum('dataset', 'cifar10', ['cifar10', 'digits'],
+                  'cifar10 (needs --archive or prepared tfds data) or digits '
+                  '(offline).')
+flags.DEFINE_string('archive', None,
+                    'Local copy of the official cifar-10-binary.tar.gz.')
+flags.DEFINE_string('data_dir', None, 'tensorflow-datasets data directory.')
+flags.DEFINE_string('model', 'all_cnn_c', 'Network (allconv_jax.models.NAMES).')
+flags.DEFINE_float('width', 1.0, 'Multiplier on the 96/192 channels.')
+flags.DEFINE_string('init', 'lsuv', 'Initializer of the studies that do not '
+                    'vary it.')
+flags.DEFINE_integer('steps', 3000, 'Training batches per variant.')
+flags.DEFINE_integer('batch_size', 32, 'Training batch size.')
+flags.DEFINE_integer('eval_every', 250, 'Evaluate on the test split every '
+                     'this many steps (and at step 0).')
+flags.DEFINE_integer('eval_examples', 0, 'Evaluate on the first this many '
+                     'test examples (0: all).')
+flags.DEFINE_integer('eval_batch_size', 250, 'Evaluation batch size.')
+flags.DEFINE_float('learning_rate', 0.01, 'SGD learning rate.')
+flags.DEFINE_float('momentum', 0.9, 'Nesterov momentum.')
+flags.DEFINE_integer('lsuv_batch', 128, 'Training images LSUV measures on.')
+flags.DEFINE_integer('seed', 0, 'Seed of initialization, batches, '
+                     'augmentation and dropout (the same for every run).')
+flags.DEFINE_bool('replot', False, 'Only redraw the PNG and rewrite '
+                  'results.md from the results.json in --out.')
+
+
+def make_config(variant: Variant):
+  """The experiment config: the shared protocol with the variant's changes."""
+  config = default.get_config()
+  config.model = FLAGS.model
+  config.width = FLAGS.width
+  config.init = FLAGS.init
+  config.dataset.name = FLAGS.dataset
+  config.dataset.archive = FLAGS.archive
+  config.dataset.data_dir = FLAGS.data_dir
+  config.batch_size = FLAGS.batch_size
+  config.eval_batch_size = FLAGS.eval_batch_size
+  config.optimizer = 'sgd'
+  config.learning_rate = FLAGS.learning_rate
+  config.momentum = FLAGS.momentum
+  config.nesterov = True
+  config.weight_decay = 0.0
+  config.lr_schedule = 'piecewise'
+  config.lr_boundaries = ()  # A constant rate over these few thousand steps.
+  config.dropout = True
+  config.batch_norm = False
+  config.augment.translate = 0.1
+  # Digits are not mirror-symmetric (the augmentation study still tries).
+  config.augment.flip = FLAGS.dataset != 'digits'
+  config.preprocess.standardize = True
+  config.preprocess.gcn_zca = False
+  config.lsuv.batch_size = FLAGS.lsuv_batch
+  config.seed = FLAGS.seed
+  config.update_from_flattened_dict(variant.overrides)
+  return config
+
+
+def fit_preprocessor(config, train_images: np.ndarray):
+  """The config's preprocessing, or a scaling to [0, 1] when it has none.
+
+  Raw 0-255 pixels are no one's baseline; Keras users rescale by 1/255.
+  """
+  if not (config.preprocess.standardize or config.preprocess.gcn_zca):
+    channels = train_images.shape[-1]
+    return input_pipeline.Preprocessor(
+        zca=None, zca_mean=None, gcn_scale=55.0,
+        mean=np.zeros(channels, np.float32),
+        std=np.full(channels, 255.0, np.float32))
+  return input_pipeline.Preprocessor.fit(
+      train_images, standardize=config.preprocess.standardize,
+      gcn_zca=config.preprocess.gcn_zca,
+      zca_epsilon=config.preprocess.zca_epsilon)
+
+
+def run_one(variant: Variant, data, mesh) -> dict:
+  """Trains one variant; returns its curve (and LSUV report)."""
+  config = make_config(variant)
+  preprocessor = fit_preprocessor(config, data.train.images)
+  train_images, train_labels = preprocessor(data.train.images), data.train.labels
+  test_images, test_labels = data.test.images, data.test.labels
+  if FLAGS.eval_examples:
+    test_images = test_images[:FLAGS.eval_examples]
+    test_labels = test_labels[:FLAGS.eval_examples]
+  test_images = preprocessor(test_images)
+  num_classes = data.num_classes
+  batches = input_pipeline.TrainBatches(len(train_labels), config.batch_size,
+                                        config.seed)
+  config.num_epochs = max(1, math.ceil(FLAGS.steps / batches.steps_per_epoch))
+  tx, _ = train.make_optimizer(config, batches.steps_per_epoch)
+  model = train.create_model(config, num_classes, bn_axis_name=sharding.AXIS)
+  start = time.time()
+  state = train.init_state(model, tx, config.seed, mesh)
+  report = None
+  if config.init == 'lsuv':
+    rng = np.random.default_rng(config.seed)
+    idx = rng.permutation(len(train_labels))[:config.lsuv.batch_size]
+    (batch,) = sharding.global_batch(
+        mesh, train_images[idx[sharding.local_slice(len(idx))]])
+    variables, report = lsuv.lsuv_init(
+        model, {'params': state.params, 'batch_stats': state.batch_stats},
+        batch)
+    logging.info('%s', report.table())
+    state = jax.device_put(
+        state.replace(params=variables['params'],
+                      opt_state=tx.init(variables['params'])),
+        sharding.replicated(mesh))
+  init_seconds = time.time() - start
+
+  train_step = train.make_train_step(
+      model, tx, mesh, seed=config.seed,
+      max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
+      flip=config.augment.flip)
+  eval_model = train.create_model(config, num_classes)
+  eval_step = train.make_eval_step(eval_model, mesh)
+  local = sharding.local_slice(config.batch_size)
+
+  def empty_metrics():
+    return jax.device_put(train.TrainMetrics.empty(), sharding.replicated(mesh))
+
+  def evaluate(step, window):
+    test = train.evaluate(eval_step, state, mesh, test_images, test_labels,
+                          config.eval_batch_size)
+    point = dict(step=step, test_loss=test['loss'],
+                 test_accuracy=test['accuracy'],
+                 train_loss=None, train_accuracy=None)
+    if window is not None:  # Averages over the steps since the last point.
+      computed = {k: float(v) for k, v in window.compute().items()}
+      point.update(train_loss=computed['loss'],
+                   train_accuracy=computed['accuracy'])
+    logging.info('%s step %d: %s', variant.name, step, point)
+    return point
+
+  curve = [evaluate(0, None)]
+  window = empty_metrics()
+  start = time.time()
+  for step in range(FLAGS.steps):
+    idx = batches.indices(step)[local]
+    images, labels = sharding.global_batch(mesh, train_images[idx],
+                                           train_labels[idx])
+    state, window = train_step(state, window, images, labels)
+    if (step + 1) % FLAGS.eval_every == 0 or step + 1 == FLAGS.steps:
+      curve.append(evaluate(step + 1, window))
+      window = empty_metrics()
+  return dict(variant=variant.name, label=variant.label, curve=curve,
+              init_seconds=round(init_seconds, 2),
+              train_seconds=round(time.time() - start, 2),
+              lsuv_report=report.to_dict() if report else None,
+              lsuv_table=report.table() if report else None)
+
+
+def label(run: dict) -> str:
+  """The plot label of a run.
+
+  results.json files written before init_study.py became a batch study name
+  the variant ``init`` and carry no label.
+  """
+  if 'label' in run:
+    return run['label']
+  return next(v.label for v in STUDIES['init'].variants if v.name == run['init'])
+
+
+def plot(runs, path, title):
+  """Loss and accuracy against step, one colour per variant."""
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for index, run in enumerate(runs):
+    color = f'C{index}'
+    name = label(run)
+    curve = run['curve']
+    steps = [p['step'] for p in curve]
+    trained = [p for p in curve if p['train_loss'] is not None]
+    ax_loss.plot([p['step'] for p in trained],
+                 [p['train_loss'] for p in trained], '-', color=color,
+                 label=f'{name}, train')
+    ax_loss.plot(steps, [p['test_loss'] for p in curve], '--', color=color,
+                 label=f'{name}, test')
+    ax_acc.plot(steps, [100 * p['test_accuracy'] for p in curve], '-',
+                color=color, label=f'{name}, test')
+    ax_acc.plot([p['step'] for p in trained],
+                [100 * p['train_accuracy'] for p in trained], ':', color=color,
+                label=f'{name}, train')
+  ax_loss.set(xlabel='training step (batch)', ylabel='cross-entropy loss',
+              title='loss (train: mean since previous point)')
+  ax_acc.set(xlabel='training step (batch)', ylabel='accuracy (%)',
+             title='accuracy')
+  for ax in (ax_loss, ax_acc):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  common.save_figure(fig, path, title)
+
+
+def table_steps(curve_steps, columns=6):
+  """At most `columns` + 1 evaluated steps at a regular stride, and the last.
+
+  The stride is a multiple of the evaluation interval, a round one (100,
+  250, 500, ...) when there is one.
+  """
+  steps = [s for s in curve_steps if s > 0]
+  if len(steps) <= columns:
+    return steps
+  interval, last = steps[0], steps[-1]
+  multiples = range(interval, last + 1, interval)
+  round_ones = [m for m in multiples
+                if any(m == r * 10**k for k in range(7) for r in (1, 2, 5))]
+  stride = next((m for m in (*round_ones, *multiples)
+                 if last // m <= columns), last)
+  return sorted({*range(stride, last + 1, stride), last} & {*steps})
+
+
+def tables(runs, classes: int) -> list[str]:
+  """The Markdown blocks of results.md: accuracies, step 0, LSUV reports."""
+  steps = table_steps([p['step'] for p in runs[0]['curve']])
+  lines = ['Test accuracy (%) after a number of training batches:', '',
+           '| variant | ' + ' | '.join(f'step {s}' for s in steps)
+           + ' | best (step) | train loss (last window) | '
+           'seconds (init + train) |',
+           '|---|' + '---:|' * (len(steps) + 3)]
+  for run in runs:
+    by_step = {p['step']: p for p in run['curve']}
+    accs = ' | '.join(f"{100 * by_step[s]['test_accuracy']:.1f}" for s in steps)
+    best = max(run['curve'], key=lambda p: p['test_accuracy'])
+    last = run['curve'][-1]
+    lines.append(f"| {label(run)} | {accs} | "
+                 f"{100 * best['test_accuracy']:.1f} ({best['step']}) | "
+                 f"{last['train_loss']:.3f} | "
+                 f"{run['init_seconds']:.0f} + {run['train_seconds']:.0f} |")
+  blocks = ['\n'.join(lines)]
+  start = [f'Chance level is {100 / classes:.0f}%. Step 0 (before training):',
+           '']
+  for run in runs:
+    first = run['curve'][0]
+    start.append(f"- {label(run)}: test accuracy "
+                 f"{100 * first['test_accuracy']:.1f}%, test loss "
+                 f"{first['test_loss']:.3f}")
+  blocks.append('\n'.join(start))
+  for run in runs:
+    if run['lsuv_table']:
+      blocks.append(f"LSUV report ({label(run)}):\n\n```\n"
+                    f"{run['lsuv_table']}\n```")
+  return blocks
+
+
+def write_outputs(study: Study, saved: dict, out: str) -> None:
+  """The PNG, results.md and results.json of `saved` (setup, title, runs)."""
+  png = f'{study.slug}.png'
+  plot(saved['runs'], os.path.join(out, png), saved['title'])
+  setup = dict(saved['setup'])
+  # Older results.json files keep the command in the setup.
+  command_line = saved.get('command') or setup.pop('command')
+  setup.pop('command', None)
+  common.write_results(
+      out, title=saved['title'], script=os.path.basename(sys.argv[0]),
+      setup=setup, command_line=command_line,
+      tables=tables(saved['runs'], setup['classes']), images=[png],
+      data=dict(title=saved['title'], runs=saved['runs']))
+
+
+def main(argv):
+  del argv
+  if FLAGS.study is None:
+    raise app.UsageError(f'--study: one of {list(STUDIES)}')
+  study = STUDIES[FLAGS.study]
+  names = [v.name for v in study.variants]
+  unknown = [v for v in FLAGS.variants or () if v not in names]
+  if unknown:
+    raise app.UsageError(f'--variants: unknown {unknown}; allowed: {names}')
+  if FLAGS.model not in models.NAMES:
+    raise app.UsageError(f'--model: unknown {FLAGS.model!r}')
+  out = common.results_dir(f'{study.slug}_{FLAGS.dataset}')
+  if FLAGS.replot:
+    with open(os.path.join(out, 'results.json')) as f:
+      write_outputs(study, json.load(f), out)
+    return
+  variants = [v for v in study.variants
+              if FLAGS.variants is None or v.name in FLAGS.variants]
+
+  try:
+    data = datasets.load(make_config(variants[0]).dataset)
+  except UserError as e:  # E.g. CIFAR-10 with neither archive nor network.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(FLAGS.batch_size)
+  sharding.check_batch_size(FLAGS.eval_batch_size, 'eval_batch_size')
+
+  start = time.time()
+  runs = []
+  for variant in variants:
+    common.wait_for_lock()
+    runs.append(run_one(variant, data, mesh))
+  total = time.time() - start
+
+  test_size = FLAGS.eval_examples or len(data.test.labels)
+  epochs = FLAGS.steps * FLAGS.batch_size / len(data.train.labels)
+  base = make_config(Variant('base', '', {}))
+  setup = {
+      'date': common.today(),
+      'machine': common.machine(),
+      'dataset': (f'{FLAGS.dataset}: {len(data.train.labels)} training '
+                  f'images, {test_size} test images (32x32)'),
+      'model': FLAGS.model,
+      'classes': data.num_classes,
+      'width': f'{FLAGS.width:g} (x the paper\'s 96/192 channels)',
+      'budget': (f'{FLAGS.steps} batches of {FLAGS.batch_size} per variant '
+                 f'(~{epochs:.1f} epochs), test evaluation every '
+                 f'{FLAGS.eval_every} steps'),
+      'varies': study.varies,
+      'shared protocol': (
+          f'SGD, learning rate {FLAGS.learning_rate:g}, Nesterov momentum '
+          f'{FLAGS.momentum:g}, no weight decay, constant rate; the paper\'s '
+          'dropout; random translation by up to 10%'
+          + (', horizontal flips' if base.augment.flip else '')
+          + '; per-channel normalization; '
+          + ('the initializer of each variant' if FLAGS.study == 'init' else
+             f'{FLAGS.init} initialization')
+          + '; everything the study varies is set by the variant'),
+      'LSUV': (f'measured on {FLAGS.lsuv_batch} training images, '
+               'pre-activation, tol 0.1, max 10 iterations, from orthogonal '
+               'kernels'),
+      'seed': f'{FLAGS.seed} (same batches, augmentation and dropout for all)',
+      'wall time': f'{total:.0f} s for all runs',
+  }
+  title = (f'{study.title}: {FLAGS.model} (width {FLAGS.width:g}) on '
+           f'{FLAGS.dataset}, {FLAGS.steps} batches of {FLAGS.batch_size}')
+  write_outputs(study, dict(
+      setup=setup, title=title, runs=runs,
+      command=common.command(os.path.basename(sys.argv[0]))), out)
+  print(f'wrote {out}/{study.slug}.png, results.md, results.json '
+        f'({total:.0f} s)')
+
+
+if __name__ == '__main__':
+  app.run(main)
