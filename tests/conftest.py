@@ -4,12 +4,22 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from absl import flags
 
+# One persistent XLA compilation cache for this test session, inherited by
+# every subprocess: the binary is run many times with the same small config,
+# and compiling the same train step again would be most of the suite's time.
+# A fresh directory per session, so nothing carries over between runs.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      tempfile.mkdtemp(prefix='allconv-test-xla-cache-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
 # First, so that the library's XLA flags apply to the in-process tests too.
-import allconv_jax  # pylint: disable=unused-import
+import allconv_jax  # pylint: disable=unused-import,g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # For `from configs import ...`.
