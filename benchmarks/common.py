@@ -85,12 +85,29 @@ def loadavg() -> str:
     return 'n/a'
 
 
-def busy() -> bool:
-  """Whether other work is using the CPU (1-minute load above 0.5)."""
+def cpu_in_use(seconds: float = 1.0) -> float | None:
+  """Share of all cores busy during the next `seconds`, whatever the process.
+
+  Unlike the load average, which trails the last minutes (a benchmark run
+  right after another sees the first one's load), this is the present.
+  """
+  def sample():
+    with open('/proc/stat') as f:
+      ticks = [int(x) for x in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all.
   try:
-    return os.getloadavg()[0] > 0.5
-  except OSError:
-    return False
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+  except (OSError, ValueError, IndexError):
+    return None
+  return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def busy() -> bool:
+  """Whether other work is using the CPU (over 20% of the cores, now)."""
+  in_use = cpu_in_use()
+  return in_use is not None and in_use > 0.2
 
 
 def version(package: str) -> str | None:
@@ -108,10 +125,15 @@ def machine(packages=('jax', 'jaxlib', 'flax', 'torch')) -> str:
   return '\n'.join([
       f'date: {now:%Y-%m-%d %H:%M} UTC',
       f'cpu: {cpu_model()}, {cores()} cores usable '
-      f'(of {os.cpu_count()}), load average {loadavg()}',
+      f'(of {os.cpu_count()}), load average {loadavg()}, '
+      f'{_percent(cpu_in_use())} of the cores in use before the start',
       f'python {platform.python_version()}, {versions}',
       f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
   ])
+
+
+def _percent(share: float | None) -> str:
+  return 'n/a' if share is None else f'{100 * share:.0f}%'
 
 
 def stats(times, batch_size: int) -> dict:

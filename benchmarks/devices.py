@@ -1,6 +1,6 @@
 """Overhead of data parallelism: the All-CNN-C train step on 1, 2 and 4 devices.
 
-  python benchmarks/devices.py                 # ~4-5 min on 2 CPU cores
+  python benchmarks/devices.py                 # ~3 min on 2 idle cores
   python benchmarks/devices.py --devices=1     # only the 1-device comparison
   python benchmarks/devices.py --width=0.25 --steps=2 --rounds=2  # smoke test
 

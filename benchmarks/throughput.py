@@ -1,6 +1,6 @@
 """Throughput of All-CNN-C (full width, batch 128): bare steps and the full loop.
 
-  python benchmarks/throughput.py           # ~4 min on 2 idle cores
+  python benchmarks/throughput.py           # ~3 min on 2 idle cores
   python benchmarks/throughput.py --quick   # fewer steps and epochs
   make benchmark                            # the same as the first
 
@@ -186,7 +186,7 @@ def main(argv):
   print(f'\nAll-CNN-C width {FLAGS.width}, configs/default.py training '
         "settings, conv_impl='auto'")
   if common.busy():
-    print('WARNING: the machine is busy (1-minute load above 0.5): absolute '
+    print('WARNING: the machine is busy (other work uses the cores): absolute '
           'figures are low and noisy; the full-loop ratios, each against a '
           'bare step timed right beside it, hold better.')
 

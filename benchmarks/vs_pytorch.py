@@ -1,7 +1,7 @@
 """This library's All-CNN-C steps against the same network in PyTorch, on CPU.
 
   pip install -e '.[bench]'                   # PyTorch, for this script only
-  python benchmarks/vs_pytorch.py             # ~10 min on 2 cores
+  python benchmarks/vs_pytorch.py             # ~5 min on 2 idle cores
   python benchmarks/vs_pytorch.py --quick     # fewer steps and rounds
   python benchmarks/vs_pytorch.py --notorch_compile   # skip torch.compile
 
@@ -339,7 +339,7 @@ def orchestrate() -> None:
         f'{TRAIN_BATCH}, {rounds} rounds of {train_steps} train steps and '
         f'about as many seconds of eval steps per setting')
   if common.busy():
-    print('WARNING: the machine is busy (1-minute load above 0.5): absolute '
+    print('WARNING: the machine is busy (other work uses the cores): absolute '
           'figures are low and noisy; the same-round ratios hold better.')
   started = {}
   try:
