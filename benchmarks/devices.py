@@ -1,6 +1,6 @@
 """Overhead of data parallelism: the All-CNN-C train step on 1, 2 and 4 devices.
 
-  python benchmarks/devices.py                 # ~4-5 min on 2 CPU cores
+  python benchmarks/devices.py                 # ~3 min on 2 idle cores
   python benchmarks/devices.py --devices=1     # only the 1-device comparison
   python benchmarks/devices.py --width=0.25 --steps=2 --rounds=2  # smoke test
 
@@ -24,38 +24,26 @@ on the devices, after warm-up, blocking after every step:
    the cost of splitting the batch, of the cross-device `pmean` and of the
    per-device dispatch, not scaling.
 
-Measured on 2 shared AMD EPYC cores (jax 0.10.2; each row taken while no
-other job ran): 1 device, sharded 51.3 vs plain 51.0 images/s (x1.000 over
-paired rounds; target met); 2 fake devices 71.2, 4 fake devices 83.9
-images/s. The "speed-up" of the fake devices is not parallel hardware: the
-1-device step keeps ~1.8 of the 2 cores busy, and this CPU runs the step
-faster per image at a smaller batch (1 device at batch 32: 75 images/s), which
-is what 4 devices get.
+The measured figures and the machine are in the README's Performance section.
 
 Every measurement runs in a fresh subprocess of this script
-(``--worker=N``), which writes its results as JSON; the machine (CPU model,
-cores, load average, jax version) is printed first. Run it on an idle
+(``--worker=N``, a `common.Worker`); the machine (CPU model, cores, load
+average, jax version) is printed first. Run it on an idle
 machine (check `uptime`); the load average is printed at the start and end.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import platform
 import re
-import subprocess
+import statistics
 import sys
-import tempfile
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from absl import app, flags
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # For `from configs import ...`.
+import common
 
 DEVICE_FLAG = '--xla_force_host_platform_device_count'
 _DEVICE_RE = re.compile(DEVICE_FLAG + r'=\S*')
@@ -73,12 +61,7 @@ flags.DEFINE_integer('rounds', 3, '1 device: alternating blocks of `steps` '
                      'of each, the order alternating between rounds).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 flags.DEFINE_integer('worker', None, 'Internal: measure with this many '
-                     'devices in this process and write JSON.')
-flags.DEFINE_string('json_out', None, 'Internal: where the worker writes.')
-
-
-def _log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+                     'devices in this process.')
 
 
 # ------------------------------------------------------------ worker side
@@ -127,15 +110,8 @@ def plain_train_step(model, tx, *, seed: int, max_shift: int, flip: bool):
   return train_step
 
 
-def _stats(times, batch_size: int) -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  t = np.asarray(times)
-  return dict(steps=len(t), median_s=float(np.median(t)), min_s=float(t.min()),
-              max_s=float(t.max()),
-              images_per_s=batch_size * len(t) / float(t.sum()))
-
-
-def run_worker(devices: int) -> None:
+def measure(devices: int) -> dict:
+  """The worker's measurements with `devices` devices, as JSON-able data."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -174,7 +150,7 @@ def run_worker(devices: int) -> None:
                 timings={})
   compiled, states = {}, {}
   for name, step in steps.items():
-    _log(f'    {devices} device(s): compiling the {name} step ...')
+    common.log(f'    {devices} device(s): compiling the {name} step ...')
     t = time.perf_counter()
     compiled[name] = step.lower(state, fresh_metrics(), images,
                                 labels).compile()
@@ -214,96 +190,50 @@ def run_worker(devices: int) -> None:
   order = list(compiled)
   for r in range(rounds):
     for name in (order if r % 2 == 0 else order[::-1]):
-      _log(f'    {devices} device(s): round {r + 1}/{rounds}, {name} step ...')
+      common.log(f'    {devices} device(s): round {r + 1}/{rounds}, {name} step ...')
       t, cpu_s, wall_s = block(name, FLAGS.steps)
       times[name] += t
       blocks[name].append(float(np.mean(t)))
       cpu[name][0] += cpu_s
       cpu[name][1] += wall_s
   for name, t in times.items():
-    result['timings'][name] = _stats(t, config.batch_size)
+    result['timings'][name] = common.stats(t, config.batch_size)
     result['timings'][name].update(
         cores_used=cpu[name][0] / cpu[name][1], block_means_s=blocks[name],
         finite_loss=bool(np.isfinite(float(states[name][1].compute()['loss']))))
-  with open(FLAGS.json_out, 'w') as f:
-    json.dump(result, f)
+  return result
 
 
 # ------------------------------------------------------- orchestrator side
 
 
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      info = f.read()
-  except OSError:
-    return platform.processor() or 'unknown'
-  model = re.search(r'^model name\s*:\s*(.*)$', info, re.M)
-  return model.group(1) if model else 'unknown'
-
-
-def _loadavg() -> str:
-  try:
-    with open('/proc/loadavg') as f:
-      return ' '.join(f.read().split()[:3])
-  except OSError:
-    return 'n/a'
-
-
 def _env(devices: int) -> dict:
-  env = dict(os.environ)
-  xla = _DEVICE_RE.sub('', env.get('XLA_FLAGS', '')).strip()
+  """The worker's environment: `devices` CPU devices, no other change."""
+  xla = _DEVICE_RE.sub('', os.environ.get('XLA_FLAGS', '')).strip()
   if devices > 1:
     xla = f'{xla} {DEVICE_FLAG}={devices}'.strip()
-  env['XLA_FLAGS'] = xla
-  if not xla:
-    env.pop('XLA_FLAGS')
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
+  return dict(XLA_FLAGS=xla or None, JAX_PLATFORMS='cpu')
 
 
 def _spawn(devices: int, passthrough) -> dict:
-  """Runs one worker in a fresh process; returns its JSON (or an error)."""
-  fd, out = tempfile.mkstemp(suffix='.json', prefix='allconv_devices_')
-  os.close(fd)
-  cmd = [sys.executable, os.path.abspath(__file__), f'--worker={devices}',
-         f'--json_out={out}', *passthrough]
-  t = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, text=True)
-  wall = time.perf_counter() - t
+  """Measures in a fresh worker process; returns its results (or an error)."""
+  start = time.perf_counter()
   try:
-    with open(out) as f:
-      result = json.load(f)
-  except (OSError, ValueError):
-    tail = '\n'.join(proc.stderr.splitlines()[-25:])
-    result = dict(error=f'worker with {devices} device(s) failed with exit '
-                  f'code {proc.returncode}:\n{tail}')
-  finally:
-    os.remove(out)
-  result['wall_s'] = wall
+    with common.Worker(__file__, [f'--worker={devices}', *passthrough],
+                       _env(devices)) as worker:
+      result = worker.call('measure')
+  except RuntimeError as e:
+    result = dict(error=f'worker with {devices} device(s) failed: {e}')
+  result['wall_s'] = time.perf_counter() - start
   return result
-
-
-def _table(header, rows) -> str:
-  widths = [max(len(str(r[i])) for r in [header, *rows])
-            for i in range(len(header))]
-  fmt = lambda cells: '  '.join(str(c).rjust(w) if i else str(c).ljust(w)
-                                for i, (c, w) in enumerate(zip(cells, widths)))
-  return '\n'.join([fmt(header), fmt(['-' * w for w in widths]),
-                    *(fmt(r) for r in rows)])
 
 
 def orchestrate(argv) -> None:
   passthrough = argv[1:]
   started = time.perf_counter()
-  import jax  # pylint: disable=g-import-not-at-top
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  print('== machine ==')
-  print(f'cpu: {_cpu_model()}, {os.cpu_count()} cores ({cores} usable), '
-        f'load average {_loadavg()} (at start)')
-  print(f'python {platform.python_version()}, jax {jax.__version__}, '
-        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  cores = common.cores()
+  print('## machine\n')
+  print(common.machine(('jax', 'jaxlib', 'flax')))
   print(f'all_cnn_c width {FLAGS.width}, batch {FLAGS.batch_size}, float32, '
         f'configs/default.py training settings (SGD+momentum, weight decay, '
         f'translate+flip, dropout), random data on device, blocked every step')
@@ -317,7 +247,7 @@ def orchestrate(argv) -> None:
 
   results = []
   for devices in [int(d) for d in FLAGS.devices]:
-    _log(f'[{devices} device(s)] ...')
+    common.log(f'[{devices} device(s)] ...')
     res = _spawn(devices, passthrough)
     if 'error' in res:
       print(res['error'], flush=True)
@@ -329,24 +259,25 @@ def orchestrate(argv) -> None:
     if res['devices'] == 1:
       one = res
     for name, t in res['timings'].items():
-      rows.append([res['devices'], name, f"{t['images_per_s']:.1f}",
+      rows.append([res['devices'], name, f"{t['mean_images_per_s']:.1f}",
                    f"{t['median_s']:.3f}", f"{t['min_s']:.3f}",
                    f"{t['max_s']:.3f}", t['steps'], f"{t['cores_used']:.2f}",
                    f"{res['compile_s'][name]:.1f}",
                    'ok' if t['finite_loss'] else 'NaN'])
-  print('\n== train step, images/s ==')
-  print(_table(['devices', 'step', 'img/s', 'median s', 'min s', 'max s',
-                'steps', 'cores used', 'compile s', 'loss'], rows))
+  print('\n## train step, images/s\n')
+  print(common.table(['devices', 'step', 'img/s', 'median s', 'min s',
+                      'max s', 'steps', 'cores used', 'compile s', 'loss'],
+                     rows))
   print('cores used = CPU seconds of the process / wall seconds while timing')
+  print('XLA_FLAGS of the workers: ' + '; '.join(
+      f"{res['devices']} device(s) {res['xla_flags']!r}" for res in results))
 
   if one is not None and 'plain' in one['timings']:
     sh, pl = one['timings']['sharded'], one['timings']['plain']
-    ratio = sh['images_per_s'] / pl['images_per_s']
+    ratio = sh['mean_images_per_s'] / pl['mean_images_per_s']
     ratio_median = pl['median_s'] / sh['median_s']
-    paired = sorted(p / s for s, p in zip(sh['block_means_s'],
-                                          pl['block_means_s']))
-    paired_median = paired[len(paired) // 2] if len(paired) % 2 else (
-        paired[len(paired) // 2 - 1] + paired[len(paired) // 2]) / 2
+    paired_median = statistics.median(
+        p / s for s, p in zip(sh['block_means_s'], pl['block_means_s']))
     print(f"\n1 device, sharded vs plain step (images/s ratio): "
           f"x{ratio:.3f} (all steps), x{ratio_median:.3f} (median step "
           f"times), x{paired_median:.3f} (median over rounds of the paired "
@@ -359,19 +290,19 @@ def orchestrate(argv) -> None:
           f"vs plain {one['loss']['plain']:.6f}, max parameter difference "
           f"after it {one['max_param_diff']:.2e}")
   if one is not None:
-    base = one['timings']['sharded']['images_per_s']
+    base = one['timings']['sharded']['mean_images_per_s']
     for res in results:
       if res['devices'] > 1:
-        ips = res['timings']['sharded']['images_per_s']
+        ips = res['timings']['sharded']['mean_images_per_s']
         print(f"{res['devices']} fake devices vs 1: x{ips / base:.3f} "
               f"({ips:.1f} vs {base:.1f} img/s, same {cores} cores)")
-  print(f'\nload average at end {_loadavg()}; total '
+  print(f'\nload average at end {common.loadavg()}; total '
         f'{time.perf_counter() - started:.0f}s')
 
 
 def main(argv):
   if FLAGS.worker:
-    run_worker(FLAGS.worker)
+    common.serve(dict(measure=lambda: measure(FLAGS.worker)))
   else:
     orchestrate(argv)
 

@@ -12,16 +12,13 @@ for the cores distort every number here.
 """
 
 import argparse
-import os
-import sys
 import time
 
+import common
+from allconv_jax import lsuv, models  # Before JAX starts: its XLA flags.
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from allconv_jax import lsuv, models  # pylint: disable=g-import-not-at-top
 
 
 def _random_variables(model, seed: int = 0):
@@ -81,9 +78,9 @@ def main():
 
   print(report.table())
   print()
+  print(common.machine(('jax', 'jaxlib', 'flax')))
   print(f'{args.model} width {args.width:g}, batch {args.batch}, '
-        f'{jax.device_count()} {jax.default_backend()} device(s), '
-        f'{os.cpu_count()} cores')
+        f'{jax.device_count()} {jax.default_backend()} device(s)')
   print(f'LSUV first call (incl. compilation): {first:7.3f} s')
   print(f'LSUV second call (compiled):         {cached:7.3f} s')
   print(f'rescaling iterations performed:      {iterations:7d}')

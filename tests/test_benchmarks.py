@@ -1,0 +1,91 @@
+"""The helpers the benchmark scripts share (benchmarks/common.py)."""
+
+import math
+import pathlib
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from allconv_jax import models
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'
+sys.path.insert(0, str(BENCHMARKS))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _xla_flops(fn, *args) -> float:
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+
+def test_conv_flops_agree_with_xla_cost_analysis():
+  # XLA counts the same convolutions but skips the taps on the zero padding
+  # (4-8% of them here), so its count is a little lower, never higher.
+  width, batch = 0.25, 2
+  forward, train = common.conv_flops(width)
+  model = models.create('all_cnn_c', 10, width=width, conv_impl='native')
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  images = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
+  xla_forward = _xla_flops(model.apply, variables, images) / batch
+  # Gradients with respect to the parameters only: no input gradient of the
+  # first layer, as in a train step.
+  grad = jax.grad(lambda v, x: model.apply(v, x).sum())
+  xla_train = _xla_flops(grad, variables, images) / batch
+  assert 0.9 * forward < xla_forward <= forward
+  assert 0.9 * train < xla_train <= train
+  # The train step is about three forward passes.
+  assert 2.9 < train / forward < 3.0
+
+
+def test_conv_flops_of_the_paper_network():
+  # conv2 alone: 32*32 positions * 96 * 96 channels * 9 taps, 2 FLOPs each.
+  forward, _ = common.conv_flops(1.0)
+  assert forward > 2 * 32 * 32 * 96 * 96 * 9
+  assert math.isclose(forward, 541_596_672)
+
+
+def test_table_is_markdown_with_figures_right_aligned():
+  text = common.table(['setting', 'img/s'], [['jax', '91.5'], ['torch', 'x']])
+  assert text.splitlines()[1] == '|:--------|:------|'  # 'x' is no figure.
+  text = common.table(['setting', 'img/s'], [['jax', 91.5], ['torch', 'x1.2']])
+  lines = text.splitlines()
+  assert lines == ['| setting | img/s |', '|:--------|------:|',
+                   '| jax     |  91.5 |', '| torch   |  x1.2 |']
+
+
+def test_stats():
+  s = common.stats([0.5, 1.0, 4.0], batch_size=100)
+  assert s['median_s'] == 1.0 and s['min_s'] == 0.5 and s['max_s'] == 4.0
+  assert s['images_per_s'] == 100.0 and s['best_images_per_s'] == 200.0
+  assert math.isclose(s['mean_images_per_s'], 300 / 5.5)
+
+
+def test_worker_answers_and_reports_failures(tmp_path):
+  script = tmp_path / 'worker.py'
+  script.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {str(BENCHMARKS)!r})
+      import common
+      print('noise the parent must skip')
+      common.serve(dict(add=lambda a, b: a + b, fail=lambda: 1 / 0))
+  """))
+  with common.Worker(str(script), env={'UNUSED_VARIABLE': None}) as worker:
+    assert worker.call('add', a=2, b=3) == 5
+    with pytest.raises(RuntimeError, match='ZeroDivisionError'):
+      worker.call('fail')
+    assert worker.call('add', a=[1], b=[2]) == [1, 2]  # Still serving.
+  assert worker.proc.returncode == 0
+
+
+def test_library_steps_train_and_evaluate():
+  steps = common.LibrarySteps(width=0.25, augment=False)
+  assert steps.num_params == 86_698
+  for case in ('train b8', 'eval b8'):
+    assert set(steps.prepare(case)) == {'compile_s', 'first_call_s'}
+    times = steps.run(case, 2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+  assert math.isfinite(steps.train_loss())
