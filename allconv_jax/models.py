@@ -107,6 +107,15 @@ def architecture(name: str, num_classes: int, width: float = 1.0) -> list[Any]:
   return layers
 
 
+def conv_names(layers: Sequence[Any]) -> list[str]:
+  """The names of the convolutions of `architecture`'s list, in order.
+
+  ``conv1``, ``conv2``, ... and the last one, the class layer, ``classifier``.
+  """
+  count = sum(isinstance(layer, Conv) for layer in layers)
+  return [f'conv{i}' for i in range(1, count)] + ['classifier']
+
+
 class AllConvNet(nn.Module):
   """Any of the twelve networks, as a flat sequence of named layers.
 
@@ -138,7 +147,7 @@ class AllConvNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Maps NHWC images to float32 logits of shape (N, num_classes)."""
     x = x.astype(self.dtype)
-    convs = [layer for layer in self.layers if isinstance(layer, Conv)]
+    names = conv_names(self.layers)
     index = drops = 0
     for layer in self.layers:
       if isinstance(layer, Drop):
@@ -150,8 +159,8 @@ class AllConvNet(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
       else:
         index += 1
-        is_classifier = index == len(convs)
-        name = 'classifier' if is_classifier else f'conv{index}'
+        name = names[index - 1]
+        is_classifier = name == 'classifier'
         use_bn = self.batch_norm and not is_classifier
         x = nn.Conv(
             layer.features, (layer.kernel, layer.kernel),

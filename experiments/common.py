@@ -12,9 +12,7 @@ import datetime
 import json
 import math
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 
@@ -34,6 +32,7 @@ import matplotlib.pyplot as plt
 from matplotlib import ticker
 
 from allconv_jax import models
+from benchmarks import common as bench  # The machine description.
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -75,15 +74,7 @@ def machine() -> str:
   """
   if FLAGS.machine:
     return FLAGS.machine
-  model = platform.processor() or platform.machine()
-  try:
-    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True,
-                           check=True).stdout
-    model = next(line.split(':', 1)[1].strip() for line in lscpu.splitlines()
-                 if line.startswith('Model name'))
-  except (OSError, subprocess.CalledProcessError, StopIteration):
-    pass
-  return (f'{model}, {os.cpu_count()} cores, {jax.device_count()} '
+  return (f'{bench.cpu_model()}, {bench.cores()} cores, {jax.device_count()} '
           f'{jax.default_backend()} device(s); 1-min load average '
           f'{os.getloadavg()[0]:.1f} when the results were written')
 
