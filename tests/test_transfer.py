@@ -75,15 +75,40 @@ def test_frozen_layers_do_not_change(source, tmp_path):
       assert same == (layer != 'classifier'), (layer, name)
 
 
-def test_transfer_to_new_digits_learns(source, tmp_path):
-  # Digits 0-4 -> 5-9 at this tiny width is a weak transfer: measured here,
-  # fine-tuning and training from scratch both reach 55-85% after one epoch,
-  # so this checks that a transferred network learns the new classes, not
-  # that it beats scratch (see experiments/ for the comparison).
+# The first reference's networks have no batch norm, and without it a network
+# trained from scratch is slow to leave chance under plain SGD; a source
+# trained well enough for its features to carry over takes 8 epochs at half
+# width (99.6% on digits 0-4, about 40 s here).
+PAPER_LIKE = dict(width=0.5, batch_norm=False)
+
+
+@pytest.fixture(scope='module')
+def paper_like_source(tmp_path_factory):
+  """Half-width, no batch norm, trained on digits 0-4 to about 99.6%."""
+  workdir = str(tmp_path_factory.mktemp('paper_like_source'))
+  summary = train.train_and_evaluate(
+      _config('0,1,2,3,4', num_epochs=8, **PAPER_LIKE), workdir)
+  assert summary['best_test_accuracy'] > 0.95
+  return workdir
+
+
+def test_transfer_starts_well_above_chance_and_scratch(paper_like_source, tmp_path):
+  # The reference's protocol (SGD, momentum 0.9, weight decay 0.001, its
+  # largest rate 0.0025, constant) for one epoch of 21 steps on digits 5-9.
+  # Measured here over seeds 0-2 after that epoch: transfer 62-69%, scratch
+  # 20-41% (at chance for seed 2, which has not left it after 21 steps);
+  # chance is 20%. The test takes seed 0 (62.5% and 40.6%).
+  protocol = dict(PAPER_LIKE, num_epochs=1, optimizer='sgd', momentum=0.9,
+                  learning_rate=0.0025, lr_schedule='piecewise',
+                  lr_boundaries=(), weight_decay=0.001)
   transferred = train.train_and_evaluate(
-      _config('5,6,7,8,9', num_epochs=1, **{'transfer.from_workdir': source}),
+      _config('5,6,7,8,9', **protocol,
+              **{'transfer.from_workdir': paper_like_source}),
       str(tmp_path / 'transfer'))
-  assert transferred['best_test_accuracy'] > 0.5  # Chance is 20%.
+  scratch = train.train_and_evaluate(_config('5,6,7,8,9', **protocol),
+                                     str(tmp_path / 'scratch'))
+  assert transferred['final_test_accuracy'] > 0.5  # 2.5x chance.
+  assert scratch['final_test_accuracy'] < transferred['final_test_accuracy'] - 0.15
 
 
 @pytest.mark.parametrize('override, message', [
