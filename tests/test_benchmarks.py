@@ -1,6 +1,7 @@
-"""The helpers the benchmark scripts share (benchmarks/common.py)."""
+"""The benchmark scripts' shared helpers (benchmarks/common.py) and profile parser."""
 
 import math
+import re
 import pathlib
 import sys
 import textwrap
@@ -89,3 +90,18 @@ def test_library_steps_train_and_evaluate():
     times = steps.run(case, 2)
     assert len(times) == 2 and all(t > 0 for t in times)
   assert math.isfinite(steps.train_loss())
+
+
+def test_profile_step_sums_fusion_time_by_kind(tmp_path):
+  import profile_step  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((64, 8, 8, 32))
+  # A transpose of an elementwise result: XLA:CPU fuses the two into one
+  # kernel, as it does for the weight-gradient inputs of the train step.
+  fn = jax.jit(lambda x: jnp.transpose(jnp.maximum(x + 1, 0), (3, 1, 2, 0)))
+  fn(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    fn(x).block_until_ready()
+  kinds = profile_step.fusion_times(str(tmp_path))
+  assert kinds and all(not re.search(r'[._]\d+$', k) for k in kinds)
+  fused = [ns for kind, ns in kinds.items() if 'fusion' in kind]
+  assert fused and max(fused) > 0
