@@ -52,6 +52,10 @@ def fusion_times(trace_dir: str) -> collections.Counter:
 
 
 def main(_):
+  print('## machine\n\n' + common.machine(('jax', 'jaxlib', 'flax')))
+  if common.busy():
+    print('WARNING: the machine is busy (other work uses the cores): the '
+          'step time, and so every share below, is off.')
   common.log('compiling ...')
   lib = common.LibrarySteps(width=FLAGS.width, augment=False)
   lib.prepare(FLAGS.case)
@@ -66,8 +70,7 @@ def main(_):
   total = sum(per_step.values())
   rows = [[kind, f'{ms:.1f}', f'{100 * ms / cpu_ms:.1f}%']
           for kind, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:FLAGS.top]]
-  rows.append(['all of them', f'{total:.1f}', f'{100 * total / cpu_ms:.1f}%'])
-  print('## machine\n\n' + common.machine(packages=('jax', 'jaxlib', 'flax')))
+  rows.append(['all kinds', f'{total:.1f}', f'{100 * total / cpu_ms:.1f}%'])
   print(f'\n## {FLAGS.case}, All-CNN-C width {FLAGS.width}\n')
   print(f'step: median {step_ms:.0f} ms untraced (5 steps), '
         f'{1e3 * statistics.median(traced):.0f} ms traced ({FLAGS.steps} '

@@ -109,8 +109,11 @@ def test_transfer_starts_well_above_chance_and_scratch(paper_like_source, tmp_pa
       str(tmp_path / 'transfer'))
   scratch = train.train_and_evaluate(_config('5,6,7,8,9', **protocol),
                                      str(tmp_path / 'scratch'))
-  assert transferred['final_test_accuracy'] > 0.5  # 2.5x chance.
-  assert scratch['final_test_accuracy'] < transferred['final_test_accuracy'] - 0.15
+  transferred, scratch = (transferred['final_test_accuracy'],
+                           scratch['final_test_accuracy'])
+  print(f'after one epoch: transfer {transferred:.1%}, scratch {scratch:.1%}')
+  assert transferred > 0.5  # 2.5x chance.
+  assert scratch < transferred - 0.15
 
 
 @pytest.mark.parametrize('override, message', [
