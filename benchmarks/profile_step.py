@@ -36,7 +36,8 @@ flags.DEFINE_integer('top', 12, 'Fusion kinds listed.')
 
 
 def fusion_times(trace_dir: str) -> collections.Counter:
-  """Thread-nanoseconds of each fusion kind in the trace under `trace_dir`."""
+  """Thread-nanoseconds per kind of XLA:CPU kernel (fusions, copies, ...,
+  not convolutions) in the trace under `trace_dir`."""
   path, = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
   kinds = collections.Counter()
   for plane in ProfileData.from_file(path).planes:
