@@ -11,12 +11,17 @@ stride-1 convolution of the output gradient with that sub-kernel; the phases
 are then interleaved. The forward pass and the weight gradient stay XLA's
 (the same phase split of the weight gradient measured slower than XLA's).
 
+Faster still on CPU are oneDNN's convolutions (`allconv_jax.onednn`), in all
+three passes.
+
 `IMPLS`:
 
 * ``native``: `lax.conv_general_dilated` as it is.
 * ``subpixel``: as above for strided convolutions; others are native.
-* ``auto``: ``subpixel`` on CPU, ``native`` on GPU and TPU, whose
-  convolution libraries handle strides themselves.
+* ``onednn``: float32 convolutions on oneDNN (CPU only); others (bfloat16)
+  as ``subpixel``.
+* ``auto``: ``onednn`` on CPU where it can be built, else ``subpixel``;
+  ``native`` on GPU and TPU, whose convolution libraries are their own.
 """
 
 from __future__ import annotations
@@ -25,20 +30,42 @@ import functools
 import math
 from typing import Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ('auto', 'native', 'subpixel')
+from allconv_jax import onednn
+from allconv_jax.errors import UserError
+
+IMPLS = ('auto', 'native', 'subpixel', 'onednn')
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 
 
 def resolve(impl: str) -> str:
-  """Returns the implementation `impl` stands for on the default backend."""
+  """Returns the implementation `impl` stands for on the default backend.
+
+  Raises:
+    UserError: for ``'onednn'`` where it cannot be built, with the reason.
+  """
   if impl == 'auto':
-    return 'subpixel' if jax.default_backend() == 'cpu' else 'native'
+    if jax.default_backend() != 'cpu':
+      return 'native'
+    reason = onednn.unavailable_reason()
+    if reason is None:
+      return 'onednn'
+    _warn_once(f'conv_impl auto: using XLA\'s convolutions; {reason}')
+    return 'subpixel'
+  if impl == 'onednn' and (reason := onednn.unavailable_reason()):
+    raise UserError(f"conv_impl: 'onednn' is not available here ({reason}); "
+                    "allowed: auto, native, subpixel")
   return impl
+
+
+@functools.cache
+def _warn_once(message: str):
+  logging.warning(message)
 
 
 def conv_general_dilated(impl: str):
@@ -47,9 +74,8 @@ def conv_general_dilated(impl: str):
   Args:
     impl: one of `IMPLS`.
   """
-  if resolve(impl) == 'native':
-    return lax.conv_general_dilated
-  return _subpixel_conv
+  return {'native': lax.conv_general_dilated, 'subpixel': _subpixel_conv,
+          'onednn': _onednn_conv}[resolve(impl)]
 
 
 def _native(x, w, strides, pads, precision=None):
@@ -57,28 +83,55 @@ def _native(x, w, strides, pads, precision=None):
                                   precision=precision)
 
 
+def _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+           dimension_numbers, feature_group_count, batch_group_count,
+           preferred_element_type):
+  """(strides, pads) of a 2-D NHWC convolution without extras, else None."""
+  if not (all(d == 1 for d in (lhs_dilation or ())) and
+          all(d == 1 for d in (rhs_dilation or ())) and
+          feature_group_count == 1 and batch_group_count == 1 and
+          preferred_element_type is None and lhs.ndim == 4 and
+          lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == _NHWC):
+    return None
+  strides = tuple(int(s) for s in window_strides)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides,
+                                  padding)
+  return strides, tuple(tuple(int(p) for p in pair) for pair in padding)
+
+
 def _subpixel_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
                    rhs_dilation=None, dimension_numbers=None,
                    feature_group_count=1, batch_group_count=1, precision=None,
                    preferred_element_type=None):
   """`lax.conv_general_dilated` whose input gradient skips the zeros."""
-  strides = tuple(window_strides)
-  plain = (all(d == 1 for d in (lhs_dilation or ())) and
-           all(d == 1 for d in (rhs_dilation or ())) and
-           feature_group_count == 1 and batch_group_count == 1 and
-           preferred_element_type is None and lhs.ndim == 4 and
-           lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == _NHWC)
-  if not plain or all(s == 1 for s in strides):
+  plain = _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                 dimension_numbers, feature_group_count, batch_group_count,
+                 preferred_element_type)
+  if plain is None or all(s == 1 for s in plain[0]):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
         dimension_numbers, feature_group_count, batch_group_count, precision,
         preferred_element_type)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides,
-                                  padding)
-  pads = tuple(tuple(int(p) for p in pair) for pair in padding)
-  return _strided_conv(lhs, rhs, strides, pads, precision)
+  return _strided_conv(lhs, rhs, *plain, precision)
+
+
+def _onednn_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                 rhs_dilation=None, dimension_numbers=None,
+                 feature_group_count=1, batch_group_count=1, precision=None,
+                 preferred_element_type=None):
+  """`lax.conv_general_dilated` on oneDNN for float32, else `_subpixel_conv`.
+
+  `precision` does not apply: oneDNN computes float32 in float32, as XLA:CPU.
+  """
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+          dimension_numbers, feature_group_count, batch_group_count)
+  plain = _plain(*args, preferred_element_type)
+  if (plain is None or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32
+      or min(p for pair in plain[1] for p in pair) < 0):
+    return _subpixel_conv(*args, precision, preferred_element_type)
+  return onednn.conv2d(lhs, rhs, *plain)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

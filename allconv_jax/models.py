@@ -229,6 +229,7 @@ def create(name: str, num_classes: int = 10, *, width: float = 1.0,
   if conv_impl not in conv.IMPLS:
     raise UserError(f"conv_impl: unknown implementation {conv_impl!r}; "
                     f"allowed: {', '.join(conv.IMPLS)}")
+  conv.resolve(conv_impl)  # Says now if 'onednn' cannot run here.
   return AllConvNet(
       layers=tuple(architecture(name, num_classes, width)), dropout=dropout,
       batch_norm=batch_norm, class_relu=class_relu, dtype=DTYPES[dtype],

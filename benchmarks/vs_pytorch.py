@@ -11,8 +11,10 @@ Times, in float32 on random data in memory:
   library (`train.make_train_step` / `train.make_eval_step`, the paper's
   All-CNN-C, SGD + momentum 0.9, weight decay 0.001, dropout; augmentation
   off, since the PyTorch step has none), with the library's defaults (its
-  XLA flags and ``conv_impl='auto'``) and with XLA's own
-  (``ALLCONV_XLA_DEFAULTS=0``, ``conv_impl='native'``);
+  XLA flags and ``conv_impl='auto'``, i.e. oneDNN's convolutions where they
+  can be built), with XLA's convolutions (``conv_impl='subpixel'``), and
+  with XLA's own defaults (``ALLCONV_XLA_DEFAULTS=0``,
+  ``conv_impl='native'``);
 * a plain PyTorch All-CNN-C (`all_cnn_c`, the same layers and parameter count),
   cross-entropy, ``torch.optim.SGD`` with the same momentum and weight decay:
   eager, eager in ``channels_last`` memory format, and under `torch.compile`.
@@ -45,6 +47,8 @@ import common
 # Setting name -> (worker argument, environment changes, description).
 SETTINGS = {
     'jax, library defaults': ('jax', {}, "conv_impl='auto', library XLA flags"),
+    'jax, XLA convolutions': ('jax_subpixel', {},
+                              "conv_impl='subpixel', library XLA flags"),
     'jax, XLA defaults': ('jax_xla', {'ALLCONV_XLA_DEFAULTS': '0'},
                           "conv_impl='native', ALLCONV_XLA_DEFAULTS=0"),
     'torch eager': ('torch', {}, 'NCHW'),
@@ -77,7 +81,9 @@ def serve_jax(conv_impl: str) -> None:
                               augment=False)
 
   def info():
+    from allconv_jax import conv  # pylint: disable=g-import-not-at-top
     return dict(threads=f'{common.cores()} (XLA)', params=steps.num_params,
+                conv_impl=conv.resolve(conv_impl),
                 xla_flags=os.environ.get('XLA_FLAGS', ''),
                 flops=common.conv_flops(FLAGS.width))
 
@@ -194,7 +200,8 @@ def serve_torch(channels_last: bool, compiled: bool) -> None:
 
 def serve(worker: str) -> None:
   if worker.startswith('jax'):
-    serve_jax('auto' if worker == 'jax' else 'native')
+    serve_jax({'jax': 'auto', 'jax_subpixel': 'subpixel',
+               'jax_xla': 'native'}[worker])
   else:
     serve_torch(channels_last=worker == 'torch_cl',
                 compiled=worker == 'torch_compile')
@@ -286,7 +293,9 @@ def report(started: dict, rates: dict, losses: dict, peaks: dict,
   print(common.table(
       ['setting', 'what', 'threads', 'parameters', 'first train step s',
        'train loss'],
-      [[name, SETTINGS[name][2], s['info']['threads'],
+      [[name, SETTINGS[name][2] + (f" (runs {s['info']['conv_impl']})"
+                                   if 'conv_impl' in s['info'] else ''),
+        s['info']['threads'],
         f"{s['info']['params']:,}",
         f"{sum(s['setup']['train b128'].values()):.1f}",
         f'{losses[name]:.3f}'] for name, s in started.items()]))

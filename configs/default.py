@@ -35,9 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype: 'float32' or 'bfloat16' (parameters and loss stay float32).
   config.dtype = 'float32'
   # How convolutions are computed: 'auto' (the fastest measured on the
-  # platform: 'subpixel' on CPU, 'native' elsewhere), 'native' (XLA's) or
-  # 'subpixel' (strided convs get an input gradient without XLA's zero
-  # dilation; see allconv_jax/conv.py). Results agree to float32 rounding.
+  # platform: 'onednn' on CPU where it can be built, else 'subpixel';
+  # 'native' on GPU/TPU), 'native' (XLA's), 'subpixel' (strided convs get an
+  # input gradient without XLA's zero dilation) or 'onednn' (oneDNN's
+  # convolutions; see allconv_jax/conv.py and onednn.py). Results agree to
+  # float32 rounding.
   config.conv_impl = 'auto'
   # Kernel initializer: he_uniform, glorot_normal, gaussian (std 0.01),
   # orthogonal, or lsuv (data-driven; see allconv_jax/lsuv.py).

@@ -1,4 +1,4 @@
-"""The subpixel convolution agrees with XLA's; the CPU flags take effect."""
+"""The subpixel and oneDNN convolutions agree with XLA's; the CPU flags take effect."""
 
 import os
 import subprocess
@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from allconv_jax import conv, models, xla_flags
+from allconv_jax import conv, models, onednn, xla_flags
 from allconv_jax.errors import UserError
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _strided_convs():
-  """(input size, kernel, stride, padding) of every strided conv of the twelve."""
+def _network_convs():
+  """(input size, kernel, stride, padding) of every conv of the twelve."""
   cases = set()
   for name in models.NAMES:
     size = 32
@@ -25,27 +25,33 @@ def _strided_convs():
       if isinstance(layer, models.Pool):
         size = -(-size // 2)
       elif isinstance(layer, models.Conv):
-        if layer.stride > 1:
-          cases.add((size, layer.kernel, layer.stride, layer.padding))
+        cases.add((size, layer.kernel, layer.stride, layer.padding))
         size = (-(-size // layer.stride) if layer.padding == 'SAME'
                 else (size - layer.kernel) // layer.stride + 1)
-  return sorted(cases)
+  return sorted(cases, key=str)
 
 
 # Beyond the networks: odd sizes, stride 3, a kernel narrower than the stride,
 # explicit asymmetric padding.
-CASES = _strided_convs() + [(7, 3, 2, 'SAME'), (9, 5, 3, 'VALID'),
-                            (8, 1, 3, 'SAME'), (11, 4, 2, ((2, 0), (1, 3)))]
+EXTRA = [(7, 3, 2, 'SAME'), (9, 5, 3, 'VALID'), (8, 1, 3, 'SAME'),
+         (11, 4, 2, ((2, 0), (1, 3)))]
+STRIDED = [c for c in _network_convs() if c[2] > 1] + EXTRA
+# The subpixel convolution is XLA's own at stride 1; oneDNN computes all.
+CASES = ([('subpixel', *c) for c in STRIDED] +
+         [('onednn', *c) for c in _network_convs() + EXTRA])
 
 
-def test_the_networks_have_strided_convs_of_each_kind():
-  # 5x5 (strided_cnn_a), 1x1 (strided_cnn_b), 3x3 (the others) at 32 and 16.
-  assert {(s, k) for s, k, _, _ in _strided_convs()} == {
+def test_the_networks_have_convs_of_each_kind():
+  # Strided: 5x5 (strided_cnn_a), 1x1 (strided_cnn_b), 3x3 (the others) at
+  # 32 and 16.
+  assert {(s, k) for s, k, stride, _ in _network_convs() if stride > 1} == {
       (32, 5), (16, 5), (32, 1), (16, 1), (32, 3), (16, 3)}
+  assert {(k, p) for _, k, stride, p in _network_convs() if stride == 1} == {
+      (1, 'SAME'), (3, 'SAME'), (3, 'VALID'), (5, 'SAME')}
 
 
-@pytest.mark.parametrize('size,kernel,stride,padding', CASES)
-def test_subpixel_matches_native_forward_and_gradients(size, kernel, stride, padding):
+@pytest.mark.parametrize('impl,size,kernel,stride,padding', CASES)
+def test_matches_native_forward_and_gradients(impl, size, kernel, stride, padding):
   rng = np.random.default_rng(size * 100 + kernel * 10 + stride)
   x = jnp.asarray(rng.standard_normal((2, size, size + 1, 3)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((kernel, kernel, 3, 5)), jnp.float32)
@@ -59,15 +65,16 @@ def test_subpixel_matches_native_forward_and_gradients(size, kernel, stride, pad
     (_, y), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, w)
     return y, *grads
 
-  native, subpixel = run('native'), run('subpixel')
+  native, mine = run('native'), run(impl)
   for what, a, b in zip(('output', 'input gradient', 'kernel gradient'),
-                        native, subpixel):
+                        native, mine):
     assert a.shape == b.shape, what
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))),
                                err_msg=what)
 
 
-def test_whole_network_gradients_agree():
+@pytest.mark.parametrize('impl', ['subpixel', 'onednn'])
+def test_whole_network_gradients_agree(impl):
   """All-CNN-C (two stride-2 convs) at a small width, every parameter."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)),
                   jnp.float32)
@@ -82,19 +89,21 @@ def test_whole_network_gradients_agree():
       return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
     return jax.grad(loss)(params)
 
-  native, subpixel = grads('native'), grads('subpixel')
+  native, mine = grads('native'), grads(impl)
   for path, a in jax.tree_util.tree_leaves_with_path(native):
-    b = subpixel
+    b = mine
     for key in path:
       b = b[key.key]
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_subpixel_in_bfloat16():
+@pytest.mark.parametrize('impl', ['subpixel', 'onednn'])
+def test_bfloat16(impl):
+  # oneDNN's convolutions are float32 only: bfloat16 ones go to subpixel.
   x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)
   w = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
-  fn = conv.conv_general_dilated('subpixel')
+  fn = conv.conv_general_dilated(impl)
   dx = jax.grad(lambda x: jnp.sum(fn(x, w, (2, 2), 'SAME', dimension_numbers=NHWC)
                                   .astype(jnp.float32)))(x)
   ref = jax.grad(lambda x: jnp.sum(lax.conv_general_dilated(
@@ -103,14 +112,34 @@ def test_subpixel_in_bfloat16():
   np.testing.assert_allclose(dx.astype(np.float32), ref.astype(np.float32))
 
 
-def test_auto_is_subpixel_on_cpu():
+def test_auto_is_onednn_on_this_cpu():
   assert jax.default_backend() == 'cpu'
-  assert conv.resolve('auto') == 'subpixel'
+  assert onednn.unavailable_reason() is None
+  assert conv.resolve('auto') == 'onednn'
   assert conv.conv_general_dilated('native') is lax.conv_general_dilated
 
 
+def test_without_onednn_auto_falls_back_and_onednn_is_a_user_error(monkeypatch, caplog):
+  monkeypatch.setattr(onednn, 'unavailable_reason', lambda: 'no C++ compiler')
+  assert conv.resolve('auto') == 'subpixel'
+  assert 'no C++ compiler' in caplog.text
+  with pytest.raises(UserError, match=r"conv_impl: 'onednn' is not available "
+                     r'here \(no C\+\+ compiler\); allowed: auto, native, subpixel'):
+    models.create('all_cnn_c', conv_impl='onednn')
+
+
+def test_a_failed_build_is_a_reason_not_a_crash(tmp_path):
+  env = dict(os.environ, CXX='false', ALLCONV_CACHE_DIR=str(tmp_path))
+  out = subprocess.run(
+      [sys.executable, '-c', 'from allconv_jax import conv, onednn; '
+       'print(onednn.unavailable_reason()); print(conv.resolve("auto"))'],
+      env=env, check=True, capture_output=True, text=True).stdout.splitlines()
+  assert out == ['building onednn_conv.cc failed: ?', 'subpixel']
+  assert not list(tmp_path.iterdir())  # No half-written library left.
+
+
 def test_unknown_impl_is_a_user_error():
-  with pytest.raises(UserError, match='conv_impl:.*allowed: auto, native, subpixel'):
+  with pytest.raises(UserError, match='conv_impl:.*allowed: auto, native, subpixel, onednn'):
     models.create('all_cnn_c', conv_impl='winograd')
 
 
