@@ -1,7 +1,9 @@
 """Shared helpers: running the real binary, in a subprocess or in-process."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,9 +14,13 @@ from absl import flags
 # One persistent XLA compilation cache for this test session, inherited by
 # every subprocess: the binary is run many times with the same small config,
 # and compiling the same train step again would be most of the suite's time.
-# A fresh directory per session, so nothing carries over between runs.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      tempfile.mkdtemp(prefix='allconv-test-xla-cache-'))
+# A fresh directory per session, so nothing carries over between runs, removed
+# when the session (its first process: pytest-xdist workers inherit it) ends.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='allconv-test-xla-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'],
+                  ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
