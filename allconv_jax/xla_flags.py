@@ -4,8 +4,10 @@ With jax 0.10.2, XLA's CPU backend hands convolutions, and whole chains of
 convolutions with their bias and ReLU, to YNNPACK. On the CPUs measured
 (`benchmarks/vs_pytorch.py`) Eigen's convolutions are about twice as fast
 for these networks, in training and in evaluation, so the library turns the
-YNNPACK fusions off. The flag concerns XLA:CPU only; GPU and TPU programs do
-not change.
+YNNPACK fusions off. This matters wherever XLA's own convolutions run on
+CPU: without oneDNN (`allconv_jax.onednn`), for ``conv_impl='subpixel'`` or
+``'native'``, and in bfloat16. The flag concerns XLA:CPU only; GPU and TPU
+programs do not change.
 
 XLA reads ``XLA_FLAGS`` once, when JAX first uses a device, so `apply` runs
 when `allconv_jax` is imported. A flag the user already set in ``XLA_FLAGS``
