@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 
+from absl import logging
 import jax
 from jax import lax
 import jaxlib
@@ -57,7 +58,12 @@ def unavailable_reason() -> str | None:
     return f'oneDNN convolutions are built for Linux CPUs only (this is ' \
            f'{sys.platform}, {jax.default_backend()})'
   try:
-    library = ctypes.CDLL(str(_build()))
+    path = _build()
+    try:
+      library = ctypes.CDLL(str(path))
+    except OSError:  # A damaged cached build (a full disk, say): once more.
+      path.unlink(missing_ok=True)
+      library = ctypes.CDLL(str(_build()))
   except (_Unavailable, OSError) as e:
     return str(e)
   for name in _PASSES:
@@ -91,6 +97,8 @@ def _build() -> pathlib.Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   # Built under a temporary name and renamed: concurrent processes (pytest
   # workers) never load a half-written file.
+  logging.info('Compiling %s for oneDNN convolutions (once, a few seconds) '
+               'into %s', SOURCE.name, target)
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
   os.close(fd)
   command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
@@ -99,9 +107,10 @@ def _build() -> pathlib.Path:
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode:
     os.unlink(tmp)
-    errors = [line for line in result.stderr.splitlines() if 'error' in line]
-    raise _Unavailable(f'building {SOURCE.name} failed: '
-                       f'{(errors or result.stderr.splitlines() or ["?"])[0]}')
+    lines = result.stderr.splitlines()
+    detail = ([line for line in lines if 'error' in line] + lines +
+              [f'{compiler} exited with status {result.returncode}'])[0]
+    raise _Unavailable(f'building {SOURCE.name} failed: {detail}')
   os.replace(tmp, target)
   return target
 

@@ -134,7 +134,8 @@ def test_a_failed_build_is_a_reason_not_a_crash(tmp_path):
       [sys.executable, '-c', 'from allconv_jax import conv, onednn; '
        'print(onednn.unavailable_reason()); print(conv.resolve("auto"))'],
       env=env, check=True, capture_output=True, text=True).stdout.splitlines()
-  assert out == ['building onednn_conv.cc failed: ?', 'subpixel']
+  assert out == ['building onednn_conv.cc failed: false exited with status 1',
+                 'subpixel']
   assert not list(tmp_path.iterdir())  # No half-written library left.
 
 
@@ -181,3 +182,15 @@ def test_a_flag_the_user_set_is_kept():
   flags, _ = _probe({'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
   assert flags == ('--xla_force_host_platform_device_count=2 '
                    '--xla_cpu_experimental_ynn_fusion_type=')
+
+
+def test_a_damaged_cached_build_is_rebuilt(tmp_path, monkeypatch):
+  monkeypatch.setenv('ALLCONV_CACHE_DIR', str(tmp_path))
+  library = onednn._build()  # pylint: disable=protected-access
+  library.write_bytes(b'not a shared library')
+  out = subprocess.run(
+      [sys.executable, '-c', 'from allconv_jax import onednn; '
+       'print(onednn.unavailable_reason())'],
+      env=dict(os.environ), check=True, capture_output=True, text=True).stdout
+  assert out.strip() == 'None'
+  assert library.read_bytes()[:4] == b'\x7fELF'
