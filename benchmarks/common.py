@@ -9,10 +9,11 @@
   keeps the workers alive and sends them JSON commands, so that it can time
   them alternately while the compiled functions stay in memory.
 
-* `LibrarySteps`: the library's train and eval steps on random data, and
-  `conv_flops`, the FLOPs they compute.
+* `LibrarySteps`: the library's train and eval steps on random data;
+  `all_cnn_c_convs`, the shapes of their convolutions, and `conv_flops`,
+  the FLOPs they compute.
 
-Only `LibrarySteps` and `conv_flops` import JAX, when called (in a worker):
+Only these import JAX, when called (in a worker):
 the parent process of a benchmark stays light and starts no thread pool of
 its own.
 """
@@ -253,6 +254,21 @@ def serve(ops: dict[str, Callable[..., Any]]) -> None:
 # ------------------------------------------------- the library's steps
 
 
+def all_cnn_c_convs(width: float = 1.0) -> list[tuple]:
+  """All-CNN-C's convolutions, in order: (name, input size, input channels,
+  output size, `models.Conv`), for 32x32 RGB images."""
+  from allconv_jax import models  # pylint: disable=g-import-not-at-top
+  specs = [layer for layer in models.architecture('all_cnn_c', 10, width)
+           if isinstance(layer, models.Conv)]
+  size, channels, convs = 32, 3, []
+  for name, layer in zip(models.conv_names(specs), specs):
+    out = size - (layer.kernel - 1 if layer.padding == 'VALID' else 0)
+    out = math.ceil(out / layer.stride)
+    convs.append((name, size, channels, out, layer))
+    size, channels = out, layer.features
+  return convs
+
+
 def conv_flops(width: float = 1.0) -> tuple[float, float]:
   """FLOPs per image of All-CNN-C's convolutions: (forward, train step).
 
@@ -263,19 +279,12 @@ def conv_flops(width: float = 1.0) -> tuple[float, float]:
   under 1%). Taps on the zero padding count, as FLOP counts usually do
   (XLA's cost analysis skips them and finds about 6% less).
   """
-  from allconv_jax import models  # pylint: disable=g-import-not-at-top
-  size, channels, forward, input_grads = 32, 3, 0.0, 0.0
-  for layer in models.architecture('all_cnn_c', 10, width):
-    if not isinstance(layer, models.Conv):
-      continue
-    if layer.padding == 'VALID':
-      size -= layer.kernel - 1
-    size = math.ceil(size / layer.stride)
+  forward = input_grads = 0.0
+  for _, _, channels, size, layer in all_cnn_c_convs(width):
     flops = 2 * size * size * layer.features * channels * layer.kernel ** 2
     if forward:  # Not the first layer.
       input_grads += flops
     forward += flops
-    channels = layer.features
   return forward, 2 * forward + input_grads  # + kernel gradients.
 
 

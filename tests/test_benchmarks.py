@@ -107,17 +107,12 @@ def test_profile_step_sums_fusion_time_by_kind(tmp_path):
   assert fused and max(fused) > 0
 
 
-def test_conv_layers_benchmark_times_the_networks_convolutions():
-  import conv_layers  # pylint: disable=g-import-not-at-top
-  specs = conv_layers.layers()
-  assert [(name, size, channels) for name, size, channels, _ in specs] == [
-      ('conv1', 32, 3), ('conv2', 32, 96), ('conv3', 32, 96), ('conv4', 16, 96),
-      ('conv5', 16, 192), ('conv6', 16, 192), ('conv7', 8, 192),
-      ('conv8', 6, 192), ('classifier', 6, 192)]
-  # Their output sizes give the FLOPs conv_flops counts for the network.
-  flops = 0
-  for _, size, channels, layer in specs:
-    out = (size - (layer.kernel - 1 if layer.padding == 'VALID' else 0))
-    out = -(-out // layer.stride)
-    flops += 2 * out * out * channels * layer.features * layer.kernel ** 2
-  assert flops == common.conv_flops()[0]
+def test_all_cnn_c_convs_follow_the_network():
+  convs = common.all_cnn_c_convs()
+  assert [(name, size, channels, out)
+          for name, size, channels, out, _ in convs] == [
+      ('conv1', 32, 3, 32), ('conv2', 32, 96, 32), ('conv3', 32, 96, 16),
+      ('conv4', 16, 96, 16), ('conv5', 16, 192, 16), ('conv6', 16, 192, 8),
+      ('conv7', 8, 192, 6), ('conv8', 6, 192, 6), ('classifier', 6, 192, 6)]
+  # Each layer's output is the next one's input.
+  assert all(out == nxt[1] for (*_, out, _), nxt in zip(convs, convs[1:]))
