@@ -1,9 +1,14 @@
-"""Orbax checkpoints of a run: the latest few and the best by test accuracy.
+"""Orbax checkpoints of a run: the latest few and the best by validation accuracy.
 
 Layout under ``<workdir>/checkpoints``::
 
   latest/<step>/{state,meta}   every epoch, the last `keep` kept
-  best/<step>/{state,meta}     the one with the highest test accuracy
+  best/<step>/{state,meta}     the one with the highest validation accuracy
+                               (only for runs with a validation split)
+
+The selected checkpoint of a workdir, the one evaluation, visualization and
+transfer use, is the best one, or the newest one for a run without a
+validation split (`selected_dir`); test accuracy never selects.
 
 ``state`` is the train state as a plain nested dict of arrays
 (`flax.serialization.to_state_dict`), ``meta`` a JSON object with the
@@ -23,8 +28,9 @@ from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import serialization
+from flax import serialization, traverse_util
 
+from allconv_jax import files
 from allconv_jax.errors import UserError
 
 # The meta fields that must match for a checkpoint to fit a network.
@@ -35,7 +41,7 @@ def _manager(directory: str, best: bool, keep: int = 3, create: bool = True
              ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1 if best else keep, create=create,
-      best_fn=(lambda m: m['test_accuracy']) if best else None,
+      best_fn=(lambda m: m['validation_accuracy']) if best else None,
       best_mode='max')
   # Naming the handlers lets a fresh process read item metadata (shapes)
   # before restoring anything.
@@ -53,7 +59,7 @@ class Checkpoints:
   """The latest and best checkpoints of one workdir."""
 
   def __init__(self, workdir: str, keep: int = 3):
-    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    root = os.path.join(os.path.abspath(workdir), files.CHECKPOINTS)
     self.latest_dir = os.path.join(root, 'latest')
     self.best_dir = os.path.join(root, 'best')
     self._keep = keep
@@ -66,7 +72,7 @@ class Checkpoints:
       self._best = _manager(self.best_dir, best=True)
 
   def save(self, step: int, state: Any, meta: dict,
-           test_accuracy: float | None = None, is_best: bool = False) -> None:
+           validation_accuracy: float | None = None, is_best: bool = False) -> None:
     """Saves `state` as the latest and, if `is_best`, as the best.
 
     The best is written first: a run killed in between resumes from the
@@ -77,7 +83,8 @@ class Checkpoints:
     args = lambda: ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                       meta=ocp.args.JsonSave(meta))
     if is_best:
-      self._best.save(step, args=args(), metrics={'test_accuracy': test_accuracy},
+      self._best.save(step, args=args(),
+                      metrics={'validation_accuracy': validation_accuracy},
                       force=True)
     self._latest.save(step, args=args(), force=True)
 
@@ -91,6 +98,17 @@ class Checkpoints:
     if self._latest is not None:
       self._latest.close()
       self._best.close()
+
+
+def selected_dir(workdir: str) -> str:
+  """The checkpoint directory of a workdir's selected checkpoint.
+
+  ``checkpoints/best`` when it holds a checkpoint (the run had a validation
+  split), else ``checkpoints/latest``, whose newest step is the final one.
+  """
+  root = os.path.join(os.path.abspath(workdir), files.CHECKPOINTS)
+  best = os.path.join(root, 'best')
+  return best if latest_step(best) is not None else os.path.join(root, 'latest')
 
 
 def latest_step(directory: str) -> int | None:
@@ -129,6 +147,28 @@ def restore(directory: str, template: Any, expected_meta: dict | None = None,
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))['state']
   return serialization.from_state_dict(template, restored), meta
+
+
+def restore_tree(directory: str, step: int, expected_meta: dict | None = None,
+                 field: str = 'checkpoint') -> tuple[dict, dict]:
+  """Restores a checkpoint as saved, without a template (numpy arrays).
+
+  Returns:
+    (the saved tree, its meta).
+
+  Raises:
+    UserError: the checkpoint cannot be read, or its meta differs from
+      `expected_meta`; `field` names the config field that pointed here.
+  """
+  manager = open_manager(directory)
+  meta = _check_meta(manager, step, directory, expected_meta)
+  try:
+    tree = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'{field}: cannot read the checkpoint {directory}/{step} '
+                    f'({type(e).__name__})') from None
+  return tree, meta
 
 
 def _check_meta(manager, step: int, directory: str, expected: dict | None) -> dict:
@@ -210,8 +250,8 @@ def check_compatible(want: Any, have: Any, source: str) -> None:
     have: nested dict of arrays or orbax `ArrayMetadata` found.
     source: where `have` comes from, for the message.
   """
-  want_flat = dict(_flatten(want))
-  have_flat = dict(_flatten(have))
+  want_flat = traverse_util.flatten_dict(want, sep='/')
+  have_flat = traverse_util.flatten_dict(have, sep='/')
   for path, leaf in want_flat.items():
     if path not in have_flat:
       raise UserError(f'checkpoint: {source} has no parameter {path}; it '
@@ -224,11 +264,3 @@ def check_compatible(want: Any, have: Any, source: str) -> None:
     if path not in want_flat:
       raise UserError(f'checkpoint: {source} has parameter {path} that this '
                       f'network does not have; it belongs to another architecture')
-
-
-def _flatten(tree: Any, prefix: str = ''):
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      yield from _flatten(value, f'{prefix}/{key}' if prefix else str(key))
-  elif tree is not None:
-    yield prefix, tree

@@ -18,8 +18,8 @@ three passes.
 
 * ``native``: `lax.conv_general_dilated` as it is.
 * ``subpixel``: as above for strided convolutions; others are native.
-* ``onednn``: float32 convolutions on oneDNN (CPU only); others (bfloat16)
-  as ``subpixel``.
+* ``onednn``: float32 convolutions on oneDNN (CPU only); others (bfloat16,
+  or a kernel narrower than its stride) as ``subpixel``.
 * ``auto``: ``onednn`` on CPU where it can be built, else ``subpixel``;
   ``native`` on GPU and TPU, whose convolution libraries are their own.
 """
@@ -128,8 +128,12 @@ def _onednn_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
           dimension_numbers, feature_group_count, batch_group_count)
   plain = _plain(*args, preferred_element_type)
+  # A kernel narrower than its stride (1x1/2): the oneDNN weight gradient
+  # (oneDNN 2023.2) then writes out of bounds for fewer than 8 input
+  # channels: wrong kernels, heap corruption, hangs (tests/test_models.py).
   if (plain is None or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32
-      or min(p for pair in plain[1] for p in pair) < 0):
+      or min(p for pair in plain[1] for p in pair) < 0
+      or any(k < s for k, s in zip(rhs.shape[:2], plain[0]))):
     return _subpixel_conv(*args, precision, preferred_element_type)
   return onednn.conv2d(lhs, rhs, *plain)
 

@@ -56,6 +56,8 @@ class Dataset:
   train: Split
   test: Split
   class_names: tuple[str, ...]  # after subsetting, in new label order
+  # Held out of the official training split; empty without one.
+  validation: Split | None = None
 
   @property
   def num_classes(self) -> int:
@@ -75,7 +77,9 @@ def load(config) -> Dataset:
       the 20 superclasses of cifar100).
 
   Returns:
-    The dataset, restricted to `classes` and relabelled 0..k-1 in that order.
+    The dataset, restricted to `classes` and relabelled 0..k-1 in that
+    order, with `validation_size` (default 0) training images moved to its
+    validation split (see `split_validation`).
 
   Raises:
     UserError: For an unknown name, label or class, a missing or non-official
@@ -99,7 +103,42 @@ def load(config) -> Dataset:
     train, test, class_names = _load_cifar(
         name, config.get('data_dir') or None, config.get('archive'), label
     )
-  return _subset(name, train, test, class_names, config.get('classes'))
+  data = _subset(name, train, test, class_names, config.get('classes'))
+  size = config.get('validation_size') or 0
+  if size:
+    train, validation = split_validation(data.train, size)
+    data = dataclasses.replace(data, train=train, validation=validation)
+  return data
+
+
+def split_validation(split: Split, size: int) -> tuple[Split, Split]:
+  """Holds `size` images of a training split out for validation.
+
+  Stratified by class (each class keeps its share, to rounding) and
+  deterministic: the same images for every run on the same data, whatever
+  the run's seed, so that runs of a sweep are selected on the same images.
+
+  Returns:
+    (the remaining training split, the validation split), each in the
+    original order.
+
+  Raises:
+    UserError: `size` leaves no training image or cannot hold every class.
+  """
+  import sklearn.model_selection  # pylint: disable=g-import-not-at-top
+
+  classes = len(np.unique(split.labels))
+  if not classes <= size <= len(split.labels) - classes:
+    raise UserError(
+        f'dataset.validation_size: {size} does not fit the {len(split.labels)} '
+        f'training images of {classes} classes; allowed: 0 or '
+        f'{classes}..{len(split.labels) - classes}')
+  keep, held = sklearn.model_selection.train_test_split(
+      np.arange(len(split.labels)), test_size=size, stratify=split.labels,
+      random_state=0)
+  keep, held = np.sort(keep), np.sort(held)
+  return (Split(split.images[keep], split.labels[keep]),
+          Split(split.images[held], split.labels[held]))
 
 
 def _load_digits() -> tuple[Split, Split, tuple[str, ...]]:

@@ -13,25 +13,31 @@ uninterrupted run sees from step s on.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from allconv_jax import files
 from allconv_jax.errors import UserError
 
-PREPROCESS_FILE = 'preprocess.npz'
+# Bumped whenever the meaning of the stored transform changes, so that a file
+# written under an older definition is never applied with the new meaning.
+# 2: GCN to an L2 norm of `gcn_scale` (pylearn2), ZCA with a filter bias.
+PREPROCESS_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessor:
   """A fitted image transform: optional GCN + ZCA, then standardization.
 
+  The GCN + ZCA definitions are those of ``configs/default.py``'s
+  ``preprocess`` fields (pylearn2's, as used by the paper).
+
   Attributes:
-    zca: (D, D) whitening matrix on GCN'd flattened images, or None.
-    zca_mean: (D,) mean subtracted before whitening, or None.
-    gcn_scale: target norm scale of global contrast normalization.
+    zca: (D, D) whitening matrix P on GCN'd flattened images, or None.
+    zca_mean: (D,) mean m subtracted before whitening, or None.
+    gcn_scale: the L2 norm of each image after global contrast normalization.
     mean: (C,) per-channel mean subtracted last (zeros when off).
     std: (C,) per-channel std divided last (ones when off).
   """
@@ -43,66 +49,100 @@ class Preprocessor:
 
   @classmethod
   def fit(cls, images: np.ndarray, *, standardize: bool = True,
-          gcn_zca: bool = False, zca_epsilon: float = 0.01,
-          gcn_scale: float = 55.0) -> 'Preprocessor':
-    """Fits the transform on the training images (uint8, NHWC)."""
-    x = images.astype(np.float32)
+          gcn_zca: bool = False, gcn_scale: float = 55.0,
+          zca_filter_bias: float = 0.1, chunk: int = 4096) -> 'Preprocessor':
+    """Fits the transform on the training images (uint8, NHWC).
+
+    The ZCA mean and covariance are accumulated in float64 over chunks of
+    images, so CIFAR's 50,000 images never exist as one float64 array.
+    """
     zca = zca_mean = None
     if gcn_zca:
-      flat = _gcn(x.reshape(len(x), -1), gcn_scale)
-      zca_mean = flat.mean(axis=0)
-      centered = flat - zca_mean
-      cov = centered.T @ centered / len(centered)
-      u, s, _ = np.linalg.svd(cov.astype(np.float64))
-      zca = ((u / np.sqrt(s + zca_epsilon)) @ u.T).astype(np.float32)
-      x = ((centered @ zca)).reshape(x.shape)
-    channels = x.shape[-1]
+      chunks = lambda: (gcn(images[i:i + chunk], gcn_scale)
+                        for i in range(0, len(images), chunk))
+      zca_mean = sum(c.sum(axis=0) for c in chunks()) / len(images)
+      cov = sum((c - zca_mean).T @ (c - zca_mean) for c in chunks()) / len(images)
+      eigenvalues, eigenvectors = np.linalg.eigh(cov)
+      # Rounding can leave the null directions' eigenvalues slightly negative.
+      eigenvalues = np.maximum(eigenvalues, 0)
+      zca = (eigenvectors / np.sqrt(eigenvalues + zca_filter_bias)) @ eigenvectors.T
+      # Applied in float32: a float64 product over CIFAR takes a minute, and
+      # float32 keeps the result within 1e-6 of it.
+      zca = zca.astype(np.float32)
+    pre = cls(zca, zca_mean, gcn_scale, np.zeros(images.shape[-1], np.float32),
+              np.ones(images.shape[-1], np.float32))
     if standardize:
-      mean = x.mean(axis=(0, 1, 2))
-      std = x.std(axis=(0, 1, 2)) + 1e-6
-    else:
-      mean, std = np.zeros(channels, np.float32), np.ones(channels, np.float32)
-    return cls(zca, zca_mean, gcn_scale, mean.astype(np.float32),
-               std.astype(np.float32))
+      x = pre(images)
+      mean = x.mean(axis=(0, 1, 2), dtype=np.float64)
+      std = x.std(axis=(0, 1, 2), dtype=np.float64) + 1e-6
+      pre = dataclasses.replace(pre, mean=mean.astype(np.float32),
+                                std=std.astype(np.float32))
+    return pre
 
   def __call__(self, images: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Maps uint8 NHWC images to float32, in chunks to bound memory."""
     out = np.empty(images.shape, np.float32)
     for i in range(0, len(images), chunk):
-      x = images[i:i + chunk].astype(np.float32)
+      x = images[i:i + chunk]
       if self.zca is not None:
-        flat = _gcn(x.reshape(len(x), -1), self.gcn_scale) - self.zca_mean
+        flat = (gcn(x, self.gcn_scale) - self.zca_mean).astype(np.float32)
         x = (flat @ self.zca).reshape(x.shape)
       out[i:i + chunk] = (x - self.mean) / self.std
     return out
 
   def save(self, path: str) -> None:
     """Writes the transform so that evaluation applies the same one."""
-    arrays = dict(mean=self.mean, std=self.std, gcn_scale=self.gcn_scale)
+    arrays = dict(version=PREPROCESS_VERSION, mean=self.mean, std=self.std,
+                  gcn_scale=self.gcn_scale)
     if self.zca is not None:
       arrays.update(zca=self.zca, zca_mean=self.zca_mean)
-    tmp = path + '.tmp.npz'
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # Atomic: a crash never leaves half a file.
+    files.atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
   @classmethod
   def load(cls, path: str) -> 'Preprocessor':
-    """Reads a transform written by `save`."""
+    """Reads a transform written by `save`.
+
+    Raises:
+      UserError: the file is unreadable, or was written by an older version
+        of this library whose transform meant something else.
+    """
     try:
       with np.load(path) as f:
+        version = int(f['version']) if 'version' in f else 1
+        if version != PREPROCESS_VERSION:
+          raise UserError(
+              f'workdir: {path} was written by an older version of allconv_jax '
+              f'(preprocessing version {version}, now {PREPROCESS_VERSION}: GCN '
+              'and ZCA are defined differently); start a new workdir')
         return cls(f['zca'] if 'zca' in f else None,
                    f['zca_mean'] if 'zca_mean' in f else None,
                    float(f['gcn_scale']), f['mean'], f['std'])
+    except UserError:
+      raise
     except (OSError, KeyError, ValueError) as e:
       raise UserError(f'workdir: cannot read the preprocessing file {path} '
                       f'({type(e).__name__}); delete it to refit') from None
 
 
-def _gcn(flat: np.ndarray, scale: float) -> np.ndarray:
-  """Global contrast normalization: zero mean, fixed norm, per image."""
-  flat = flat - flat.mean(axis=1, keepdims=True)
-  norm = np.sqrt((flat ** 2).mean(axis=1, keepdims=True))
-  return scale * flat / np.maximum(norm, 1e-8)
+def gcn(images: np.ndarray, scale: float) -> np.ndarray:
+  """Global contrast normalization of each image, in float64.
+
+  pylearn2's ``global_contrast_normalize(X, scale, subtract_mean=True,
+  use_std=False, sqrt_bias=0, min_divisor=1e-8)``: every image (all its
+  values) minus its mean, divided by its L2 norm over `scale`; an image whose
+  norm over `scale` is below 1e-8 (a constant image) is left undivided.
+
+  Args:
+    images: (N, ...) images of any dtype.
+    scale: the L2 norm of each image afterwards.
+
+  Returns:
+    (N, D) float64, D the number of values per image.
+  """
+  flat = images.reshape(len(images), -1).astype(np.float64)
+  flat -= flat.mean(axis=1, keepdims=True)
+  divisor = np.linalg.norm(flat, axis=1, keepdims=True) / scale
+  return flat / np.where(divisor < 1e-8, 1.0, divisor)
 
 
 class TrainBatches:

@@ -29,9 +29,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'visualize'],
                   'train (resumes if the workdir has a checkpoint), eval '
-                  '(best checkpoint on the test split; prints one JSON line) '
+                  '(the selected checkpoint, best by validation or else the '
+                  'final one, on the test split; prints one JSON line) '
                   'or visualize (guided backprop, deconvnet and saliency maps '
-                  'of the best checkpoint into <workdir>/visualizations/; '
+                  'of the selected checkpoint into <workdir>/visualizations/; '
                   'prints one JSON line).')
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
@@ -49,7 +50,7 @@ def main(argv):
   del argv  # parse_flags has checked there is nothing else.
   logging.get_absl_handler().addFilter(_quiet_libraries)
   # Imported here so that --help and flag errors do not pay for JAX start-up.
-  from allconv_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from allconv_jax import sharding, stopping, train, trained  # pylint: disable=g-import-not-at-top
   try:
     sharding.initialize_distributed(FLAGS.config)
     if FLAGS.mode == 'train':
@@ -57,7 +58,7 @@ def main(argv):
       logging.info('done: %s', summary)
       print(json.dumps(summary), flush=True)
     elif FLAGS.mode == 'eval':
-      print(json.dumps(train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)),
+      print(json.dumps(trained.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)),
             flush=True)
     else:
       from allconv_jax import visualize  # pylint: disable=g-import-not-at-top
@@ -66,7 +67,7 @@ def main(argv):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
-  except train.Interrupted as e:
+  except stopping.Interrupted as e:
     print(f'stopped: {e}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
   except KeyboardInterrupt:
@@ -116,8 +117,6 @@ def parse_flags(argv):
 
 def run():
   """Console-script entry point (`allconv`)."""
-  # Configs import each other as `configs.<name>`, relative to the repo root.
-  sys.path.insert(0, os.getcwd())
   app.run(main, flags_parser=parse_flags)
 
 

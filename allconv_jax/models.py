@@ -14,14 +14,23 @@ each:
 
 All share the top: 3x3 conv 192 (VALID), 1x1 conv 192, 1x1 conv num_classes,
 global average pooling over the 6x6 map. Every conv is followed by a ReLU.
-Dropout drops 20% of the input and 50% after each pool (or the layer that
-replaced it). Max-pooling is 3x3/2 with SAME padding so that the spatial size
+Dropout drops 20% of the input (unless ``input_dropout`` is off) and 50% after
+each pool (or the layer that replaced it).
+
+Padding follows Caffe, in which the paper's networks were trained: every kxk
+conv except the VALID one is padded by k//2 zeros on each side, stride 2
+included (`Conv.pads`). Flax's 'SAME' would pad a stride-2 3x3 conv of an
+even-sized input by (0, 1) instead, moving each window one pixel down and
+right. Max-pooling is 3x3/2 with flax's 'SAME', i.e. pads (0, 1) on the 32-
+and 16-pixel maps: the same windows as Caffe's pooling, which rounds its
+output size up and so adds a window at the bottom/right edge. The spatial size
 goes 32 -> 16 -> 8 -> 6 as in the paper.
 
 Convolutions are named ``conv1``, ``conv2``, ... in input order and the class
 layer ``classifier``; batch norms, when on, are ``bn1``, ``bn2``, ... after the
-conv of the same number; dropouts ``dropout0`` (input), ``dropout1``, ... LSUV and transfer learning address layers by these
-names.
+conv of the same number; dropouts ``dropout0`` (input), ``dropout1``, ...
+(``dropout0`` is absent without input dropout). LSUV and transfer learning
+address layers by these names.
 """
 
 from __future__ import annotations
@@ -49,14 +58,33 @@ INITIALIZERS = {
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+# (height, width, channels) of every network's input: CIFAR's, and the digits
+# upsampled to it.
+INPUT_SHAPE = (32, 32, 3)
+
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
-  """One convolution of the feature extractor."""
+  """One convolution of the feature extractor.
+
+  Attributes:
+    features: output channels.
+    kernel: side of the square kernel (odd).
+    stride: the same along both axes.
+    padding: ``'SAME'``, Caffe's kernel//2 zeros on every side, which keeps
+      the size at stride 1 and halves an even size at stride 2 as flax's
+      'SAME' does, but places the windows as Caffe does; or ``'VALID'``.
+  """
   features: int
   kernel: int
   stride: int = 1
   padding: str = 'SAME'
+
+  @property
+  def pads(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The explicit ((top, bottom), (left, right)) zero padding."""
+    p = self.kernel // 2 if self.padding == 'SAME' else 0
+    return ((p, p), (p, p))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +150,8 @@ class AllConvNet(nn.Module):
   Attributes:
     layers: the output of `architecture`.
     dropout: whether to apply the dropout layers in training.
+    input_dropout: whether that includes the 20% dropout of the input (with
+      it off, only the 50% dropouts after the pools or their replacements).
     batch_norm: batch norm after every hidden conv (not the class layer).
     class_relu: ReLU on the class layer, as in the paper's tables.
     dtype: compute dtype; parameters stay float32 and logits are float32.
@@ -135,6 +165,7 @@ class AllConvNet(nn.Module):
   """
   layers: Sequence[Any]
   dropout: bool = True
+  input_dropout: bool = True
   batch_norm: bool = False
   class_relu: bool = True
   dtype: Any = jnp.float32
@@ -151,7 +182,8 @@ class AllConvNet(nn.Module):
     index = drops = 0
     for layer in self.layers:
       if isinstance(layer, Drop):
-        if self.dropout:
+        # `architecture` puts the input's dropout first, as dropout0.
+        if self.dropout and (drops or self.input_dropout):
           x = nn.Dropout(layer.rate, deterministic=not train,
                          name=f'dropout{drops}')(x)
         drops += 1
@@ -164,7 +196,7 @@ class AllConvNet(nn.Module):
         use_bn = self.batch_norm and not is_classifier
         x = nn.Conv(
             layer.features, (layer.kernel, layer.kernel),
-            strides=(layer.stride, layer.stride), padding=layer.padding,
+            strides=(layer.stride, layer.stride), padding=layer.pads,
             use_bias=not use_bn, dtype=self.dtype, param_dtype=jnp.float32,
             kernel_init=self.kernel_init,
             conv_general_dilated=conv.conv_general_dilated(self.conv_impl),
@@ -189,7 +221,8 @@ class AllConvNet(nn.Module):
 
 
 def create(name: str, num_classes: int = 10, *, width: float = 1.0,
-           dropout: bool = True, batch_norm: bool = False,
+           dropout: bool = True, input_dropout: bool = True,
+           batch_norm: bool = False,
            class_relu: bool = True, dtype: str = 'float32',
            init: str = 'he_uniform', bn_axis_name: str | None = None,
            conv_impl: str = 'auto') -> AllConvNet:
@@ -200,6 +233,7 @@ def create(name: str, num_classes: int = 10, *, width: float = 1.0,
     num_classes: size of the class layer.
     width: multiplier on the 96/192 channels; small widths make fast tests.
     dropout: apply the paper's dropout in training.
+    input_dropout: with `dropout`, include its 20% dropout of the input.
     batch_norm: batch norm after each hidden conv.
     class_relu: ReLU on the class layer (the paper has one).
     dtype: ``'float32'`` or ``'bfloat16'`` compute dtype.
@@ -232,12 +266,13 @@ def create(name: str, num_classes: int = 10, *, width: float = 1.0,
   conv.resolve(conv_impl)  # Says now if 'onednn' cannot run here.
   return AllConvNet(
       layers=tuple(architecture(name, num_classes, width)), dropout=dropout,
-      batch_norm=batch_norm, class_relu=class_relu, dtype=DTYPES[dtype],
+      input_dropout=input_dropout, batch_norm=batch_norm,
+      class_relu=class_relu, dtype=DTYPES[dtype],
       kernel_init=INITIALIZERS[kernel_init], bn_axis_name=bn_axis_name,
       conv_impl=conv_impl)
 
 
-def summary(model: nn.Module, image_shape=(32, 32, 3)) -> str:
+def summary(model: nn.Module, image_shape=INPUT_SHAPE) -> str:
   """Returns a Keras-style table of layers, output shapes and parameters."""
   x = jnp.zeros((1, *image_shape), jnp.float32)
   return nn.tabulate(model, jax.random.key(0), depth=1,

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 
 # The Figure API needs no GUI backend and leaves pyplot's (and a notebook's)
 # alone.
 from matplotlib.figure import Figure
 
+from allconv_jax import files
+
+# The validation columns are nan for a run without a validation split.
 COLUMNS = ('epoch', 'step', 'learning_rate', 'train_loss', 'train_accuracy',
-           'test_loss', 'test_accuracy', 'seconds')
+           'validation_loss', 'validation_accuracy', 'test_loss',
+           'test_accuracy', 'seconds')
 
 
 def read_csv(path: str) -> list[dict]:
@@ -26,21 +31,24 @@ def read_csv(path: str) -> list[dict]:
 
 def write_csv(path: str, rows: list[dict]) -> None:
   """Rewrites the whole CSV atomically, so a crash never leaves half a row."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: row[k] for k in COLUMNS})
-  os.replace(tmp, path)
+  def write(tmp):
+    with open(tmp, 'w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=COLUMNS)
+      writer.writeheader()
+      for row in rows:
+        writer.writerow({k: row[k] for k in COLUMNS})
+  files.atomic_write(path, write)
 
 
 def plot_curves(rows: list[dict], path: str, title: str = '') -> None:
-  """Draws loss and accuracy per epoch, train and test, into a PNG."""
+  """Draws loss and accuracy per epoch, per split, into a PNG."""
   epochs = [r['epoch'] for r in rows]
   fig = Figure(figsize=(11, 4))
   ax_loss, ax_acc = fig.subplots(1, 2)
-  for split, style in (('train', '-'), ('test', '--')):
+  splits = [('train', '-'), ('validation', '-.'), ('test', '--')]
+  if not any(math.isfinite(r['validation_accuracy']) for r in rows):
+    del splits[1]
+  for split, style in splits:
     ax_loss.plot(epochs, [r[f'{split}_loss'] for r in rows], style, label=split)
     ax_acc.plot(epochs, [100 * r[f'{split}_accuracy'] for r in rows], style,
                 label=split)
@@ -52,6 +60,42 @@ def plot_curves(rows: list[dict], path: str, title: str = '') -> None:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+  files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+
+
+def epoch_line(row: dict, best: dict) -> str:
+  """The losses and accuracies of an epoch's row, for its log line."""
+  parts = [f"train loss {row['train_loss']:.4f} acc {100 * row['train_accuracy']:.2f}%"]
+  if math.isfinite(row['validation_accuracy']):
+    parts.append(f"val loss {row['validation_loss']:.4f} acc "
+                 f"{100 * row['validation_accuracy']:.2f}% (best "
+                 f"{100 * best['accuracy']:.2f}% @{best['epoch']})")
+  parts.append(f"test loss {row['test_loss']:.4f} acc {100 * row['test_accuracy']:.2f}%")
+  return '  '.join(parts)
+
+
+def summary(rows: list[dict], best: dict, has_validation: bool) -> dict:
+  """What a run reports: the selected epoch's numbers and the final ones.
+
+  The selected epoch is the one of best validation accuracy, or the final
+  one without a validation split; test accuracy never selects anything.
+  """
+  if not rows:
+    return dict(selection=None, epochs=0)
+  final = rows[-1]
+  selected = (next(r for r in rows if r['epoch'] == best['epoch'])
+              if has_validation else final)
+  optional = lambda v: float(v) if math.isfinite(v) else None
+  return dict(
+      selection='best_validation_accuracy' if has_validation else 'final',
+      selected_epoch=selected['epoch'], selected_step=selected['step'],
+      selected_validation_accuracy=optional(selected['validation_accuracy']),
+      selected_test_accuracy=selected['test_accuracy'],
+      final_validation_accuracy=optional(final['validation_accuracy']),
+      final_test_accuracy=final['test_accuracy'], epochs=len(rows))
+
+
+def duration(seconds: float) -> str:
+  """``h:mm:ss``."""
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

@@ -1,4 +1,4 @@
-"""Transfer learning: start a network from another run's best checkpoint.
+"""Transfer learning: start a network from another run's selected checkpoint.
 
 Every parameter (and batch-norm statistic) of the source network is copied
 into the new one, except the layers matching ``config.transfer.reinit``
@@ -7,20 +7,19 @@ kernel, zero bias — sized for the new classes. With
 ``config.transfer.freeze`` the copied layers are frozen (feature-extractor
 mode); otherwise everything is fine-tuned.
 
-A source whose architecture does not fit (another network, missing layers,
-other shapes) is a one-line error naming the first mismatching parameter.
+The source run is loaded by `allconv_jax.trained.load`; `merge` copies its
+weights. A source whose architecture does not fit (another network, missing
+layers, other shapes) is a one-line error naming the first mismatching
+parameter.
 """
 
 import fnmatch
-import os
 from typing import Any
 
-import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
+from flax import traverse_util
 
-from allconv_jax import checkpoints, input_pipeline
 from allconv_jax.errors import UserError
 
 FIELD = 'transfer.from_workdir'
@@ -42,87 +41,46 @@ def matches(path: str, globs: list[str]) -> bool:
              for g in globs)
 
 
-def _path(key_path) -> str:
-  return '/'.join(str(getattr(k, 'key', k)) for k in key_path)
+def merge(loaded: Any, inited: Any, dont_load: list[str],
+          what: str = 'parameter') -> Any:
+  """`inited` with every leaf not matching `dont_load` taken from `loaded`.
 
-
-def resolve_source(path: str) -> tuple[str, int]:
-  """Finds the checkpoint a transfer starts from.
+  big_vision's ``merge_params``: the layers to re-initialize keep their
+  fresh values (sized for the new classes), everything else is copied.
 
   Args:
-    path: a workdir (its best checkpoint is used), a checkpoint directory
-      such as ``<workdir>/checkpoints/latest`` (its newest step), or one step
-      directory such as ``<workdir>/checkpoints/best/1200``.
-
-  Returns:
-    (checkpoint directory, step).
-  """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise UserError(f'{FIELD}: no such directory: {path}')
-  if os.path.isdir(os.path.join(path, 'checkpoints', 'best')):
-    path = os.path.join(path, 'checkpoints', 'best')
-  name = os.path.basename(path)
-  if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
-    return os.path.dirname(path), int(name)
-  step = checkpoints.latest_step(path)
-  if step is None:
-    raise UserError(f'{FIELD}: no checkpoint in {path}; give a trained workdir '
-                    'or a checkpoint directory')
-  return path, step
-
-
-def load_source(path: str) -> tuple[dict, dict, str | None]:
-  """Reads the params and batch stats of a trained run.
-
-  Returns:
-    (params, batch_stats, path of the run's preprocessing file or None).
-  """
-  directory, step = resolve_source(path)
-  try:
-    manager = checkpoints.open_manager(directory)
-    tree = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']['state']
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'{FIELD}: cannot read the checkpoint {directory}/{step} '
-                    f'({type(e).__name__})') from None
-  workdir = os.path.dirname(os.path.dirname(directory))
-  preprocess = os.path.join(workdir, input_pipeline.PREPROCESS_FILE)
-  return (tree['params'], tree.get('batch_stats') or {},
-          preprocess if os.path.exists(preprocess) else None)
-
-
-def copy_weights(target: Any, source: Any, reinit: list[str], what: str) -> Any:
-  """Returns `target` with every leaf not matching `reinit` taken from `source`.
+    loaded: nested dict of the source run's arrays.
+    inited: nested dict of this network's freshly initialized arrays.
+    dont_load: glob patterns of layers (or paths) to keep from `inited`.
+    what: what the leaves are, for messages (``'batch statistic'``).
 
   Raises:
-    UserError: naming the first parameter that is missing from `source` or
-      has another shape there.
+    UserError: naming the first leaf missing from `loaded` or shaped
+      otherwise there.
   """
-  flat_source = {_path(p): v for p, v in
-                 jax.tree_util.tree_flatten_with_path(source)[0]}
-
-  def take(key_path, leaf):
-    path = _path(key_path)
-    if matches(path, reinit):
-      return leaf
-    if path not in flat_source:
+  flat_loaded = traverse_util.flatten_dict(loaded, sep='/')
+  merged = {}
+  for path, leaf in traverse_util.flatten_dict(inited, sep='/').items():
+    if matches(path, dont_load):
+      merged[path] = leaf
+      continue
+    if path not in flat_loaded:
       raise UserError(f'{FIELD}: the source checkpoint has no {what} {path}; '
                       'it is another architecture (or add the layer to '
                       'transfer.reinit)')
-    value = np.asarray(flat_source[path])
+    value = np.asarray(flat_loaded[path])
     if value.shape != leaf.shape:
       raise UserError(f'{FIELD}: {what} {path} has shape {value.shape} in the '
                       f'source checkpoint but {tuple(leaf.shape)} in this network')
-    return value.astype(leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(take, target)
+    merged[path] = value.astype(leaf.dtype)
+  return traverse_util.unflatten_dict(merged, sep='/')
 
 
 def freeze_mask(params: Any, reinit: list[str]) -> Any:
   """True for every parameter that feature-extractor mode keeps fixed."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: not matches(_path(p), reinit), params)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  return traverse_util.unflatten_dict(
+      {path: not matches(path, reinit) for path in flat}, sep='/')
 
 
 def freeze(tx: optax.GradientTransformation, params: Any,

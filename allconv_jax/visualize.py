@@ -23,7 +23,7 @@ The objective of image ``i`` is the activation of channel ``units[i]`` of the
 layer (after its ReLU), summed over spatial positions, so a batch of images,
 each with its own unit, takes one backward pass.
 
-``--mode=visualize`` (`visualize_checkpoint`) loads the best checkpoint of a
+``--mode=visualize`` (`visualize_checkpoint`) loads the selected checkpoint of a
 workdir, picks units of a few layers and the test images that excite them
 most, and draws the three maps beside each image into
 ``<workdir>/visualizations/<layer>.png``.
@@ -32,7 +32,6 @@ most, and draws the three maps beside each image into
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -43,13 +42,13 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure  # No GUI backend needed, none changed.
 
-from allconv_jax import input_pipeline, models, train
+from allconv_jax import (config as config_lib, datasets, files, input_pipeline,
+                         models, trained)
 from allconv_jax.errors import UserError
 
 METHODS = ('guided', 'deconvnet', 'saliency')
 TITLES = {'guided': 'guided backprop', 'deconvnet': 'deconvnet',
           'saliency': 'saliency'}
-OUTPUT_DIR = 'visualizations'
 
 
 # ----------------------------------------------------------------- ReLUs
@@ -304,9 +303,7 @@ def draw(path: str, title: str, rows: Sequence[dict]) -> None:
         ax.set_title(TITLES.get(column, column), fontsize=9)
     axes[r, 0].set_ylabel(row['label'], fontsize=8)
   fig.suptitle(title, fontsize=10)
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+  files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 # ----------------------------------------------------------------- mode
@@ -315,7 +312,7 @@ def draw(path: str, title: str, rows: Sequence[dict]) -> None:
 def visualize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Draws guided backprop, deconvnet and saliency maps of a trained run.
 
-  Loads the best checkpoint of `workdir`, takes the layers and units of
+  Loads the selected checkpoint of `workdir`, takes the layers and units of
   ``config.visualize`` (by default a low, a middle and a top layer, and
   each layer's most active channels on the test split), finds for each unit
   the test images on which its mean activation is highest, and writes
@@ -330,20 +327,20 @@ def visualize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dic
     UserError: for a bad config field or a workdir with no checkpoint,
       before anything is written.
   """
-  run = train.Run(config, workdir)
-  model = train.create_model(config, run.num_classes)
+  config_lib.validate(config)
+  data = datasets.load(config.dataset)
+  model = trained.create_model(config, data.num_classes)
   settings = config.visualize
   layers, chosen_units = resolve_targets(model, settings)
-  state, meta = run.restore_best()
-  state = jax.device_get(state)
-  variables = train.model_variables(state.params, state.batch_stats)
-  images, labels = run.test_arrays()
-  raw_images = run.data.test.images
+  run = trained.load(workdir, trained.architecture(config, data.num_classes))
+  variables, meta = run.variables, run.meta
+  images, labels = run.preprocessor(data.test.images), data.test.labels
+  raw_images = data.test.images
 
   scores = mean_activations(model, variables, images, config.eval_batch_size)
-  out_dir = os.path.join(workdir, OUTPUT_DIR)
+  out_dir = os.path.join(workdir, files.VISUALIZATIONS)
   os.makedirs(out_dir, exist_ok=True)
-  files, drawn = [], {}
+  written, drawn = [], {}
   index = dict(step=int(meta['step']), layers={})
   for layer in layers:
     layer_scores = scores[layer]
@@ -366,7 +363,7 @@ def visualize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dic
     path = os.path.join(out_dir, f'{layer}.png')
     draw(path, f'{config.model} {layer} (step {index["step"]}): top '
          f'{settings.num_images} test images per unit', rows)
-    files.append(path)
+    written.append(path)
     drawn[layer] = units
     index['layers'][layer] = {
         str(u): [dict(image=i, label=int(labels[i]),
@@ -374,8 +371,6 @@ def visualize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dic
                  for pu, i in picks if pu == u] for u in units}
     logging.info('Wrote %s (units %s)', path, units)
   index_path = os.path.join(out_dir, 'index.json')
-  with open(index_path + '.tmp', 'w') as f:
-    json.dump(index, f, indent=2)
-  os.replace(index_path + '.tmp', index_path)
-  files.append(index_path)
-  return dict(step=index['step'], files=files, units=drawn)
+  files.write_json(index_path, index)
+  written.append(index_path)
+  return dict(step=index['step'], files=written, units=drawn)

@@ -35,8 +35,6 @@ import traceback
 from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)  # For `from configs import default`.
 
 # Instruction-set extensions that decide how fast convolutions can run.
 _ISA = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16')
@@ -291,7 +289,7 @@ def conv_flops(width: float = 1.0) -> tuple[float, float]:
 class LibrarySteps:
   """The library's All-CNN-C train and eval steps, ready to be timed.
 
-  `train.make_train_step` and `train.make_eval_step` with the training
+  `steps.make_train_step` and `steps.make_eval_step` with the training
   settings of ``configs/default.py`` (the paper's All-CNN-C, SGD + momentum
   0.9, weight decay 0.001, dropout), on one random batch already on the
   device, so that only the step itself is timed. Cases are named
@@ -309,30 +307,30 @@ class LibrarySteps:
                width: float = 1.0, augment: bool = True):
     # pylint: disable=g-import-not-at-top
     import jax
-    from allconv_jax import input_pipeline, sharding, train
-    from configs import default
+    from allconv_jax import input_pipeline, sharding, steps, train, trained
+    from allconv_jax import config as config_lib
     # pylint: enable=g-import-not-at-top
-    config = default.get_config()
+    config = config_lib.defaults()
     config.dtype, config.conv_impl, config.width = dtype, conv_impl, width
-    self._jax, self._train, self._sharding = jax, train, sharding
+    self._jax, self._steps, self._sharding = jax, steps, sharding
     self.mesh = sharding.make_mesh()
     # CIFAR-10's steps per epoch, for the learning-rate schedule.
     self.tx, _ = train.make_optimizer(config, 50000 // config.batch_size)
-    model = train.create_model(config, 10, bn_axis_name=sharding.AXIS)
-    self.state = train.init_state(model, self.tx, config.seed, self.mesh)
+    model = trained.create_model(config, 10, bn_axis_name=sharding.AXIS)
+    self.state = steps.init_state(model, self.tx, config.seed, self.mesh)
     self.metrics = self._empty_metrics()
-    self.train_step = train.make_train_step(
+    self.train_step = steps.make_train_step(
         model, self.tx, self.mesh, seed=config.seed,
         max_shift=(input_pipeline.max_shift_pixels(config.augment.translate)
                    if augment else 0),
         flip=config.augment.flip and augment)
-    self.eval_step = train.make_eval_step(train.create_model(config, 10),
+    self.eval_step = steps.make_eval_step(trained.create_model(config, 10),
                                           self.mesh)
     self.num_params = sum(x.size for x in jax.tree.leaves(self.state.params))
     self._compiled = {}
 
   def _empty_metrics(self):
-    return self._jax.device_put(self._train.TrainMetrics.empty(),
+    return self._jax.device_put(self._steps.TrainMetrics.empty(),
                                 self._sharding.replicated(self.mesh))
 
   def _batch(self, batch_size: int):

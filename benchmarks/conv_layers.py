@@ -33,7 +33,7 @@ def pass_functions(impl: str, layer: models.Conv):
   strides = (layer.stride, layer.stride)
 
   def forward(x, w):
-    return fn(x, w, strides, layer.padding, dimension_numbers=NHWC)
+    return fn(x, w, strides, layer.pads, dimension_numbers=NHWC)
 
   return {
       'forward': jax.jit(lambda x, w, g: forward(x, w)),
@@ -87,7 +87,7 @@ def main():
         totals[what, impl] += ms[impl]
       rows.append([
           name, f'{size}x{size} {channels}->{layer.features} '
-          f'{layer.kernel}x{layer.kernel}/{layer.stride} {layer.padding}',
+          f'{layer.kernel}x{layer.kernel}/{layer.stride} pad {layer.pads[0][0]}',
           what, *(f'{ms[i]:.1f}' for i in IMPLS),
           *(f'{flops / ms[i] / 1e6:.0f}' for i in IMPLS),
           f"x{ms['subpixel'] / ms['onednn']:.2f}"])

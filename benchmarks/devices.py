@@ -4,7 +4,7 @@
   python benchmarks/devices.py --devices=1     # only the 1-device comparison
   python benchmarks/devices.py --width=0.25 --steps=2 --rounds=2  # smoke test
 
-Measures images/s of the library's train step (`train.make_train_step`:
+Measures images/s of the library's train step (`steps.make_train_step`:
 augmentation, then the loss and gradients inside `jax.shard_map`, `pmean`
 over the ``data`` axis, optax update) for All-CNN-C at full width, batch 128,
 float32, with the paper's training settings of ``configs/default.py`` (SGD +
@@ -68,7 +68,7 @@ flags.DEFINE_integer('worker', None, 'Internal: measure with this many '
 
 
 def plain_train_step(model, tx, *, seed: int, max_shift: int, flip: bool):
-  """The unsharded baseline: `train.make_train_step` without `shard_map`.
+  """The unsharded baseline: `steps.make_train_step` without `shard_map`.
 
   Same augmentation, keys, loss, metrics and optimizer update; the dropout
   key is folded with 0 as device 0 of the sharded step folds it, so on one
@@ -77,7 +77,7 @@ def plain_train_step(model, tx, *, seed: int, max_shift: int, flip: bool):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from allconv_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from allconv_jax import input_pipeline, steps  # pylint: disable=g-import-not-at-top
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(state, train_metrics, images, labels):
@@ -100,10 +100,10 @@ def plain_train_step(model, tx, *, seed: int, max_shift: int, flip: bool):
         loss_fn, has_aux=True)(state.params)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = train.TrainState(step=state.step + 1,
+    state = steps.TrainState(step=state.step + 1,
                              params=optax.apply_updates(state.params, updates),
                              batch_stats=batch_stats, opt_state=opt_state)
-    update = train.TrainMetrics.single_from_model_output(
+    update = steps.TrainMetrics.single_from_model_output(
         loss=loss, accuracy=accuracy, step=state.step)
     return state, train_metrics.merge(update)
 
@@ -115,33 +115,33 @@ def measure(devices: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from allconv_jax import input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from allconv_jax import input_pipeline, sharding, steps, train, trained  # pylint: disable=g-import-not-at-top
+  from allconv_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   if jax.device_count() != devices:
     raise RuntimeError(f'expected {devices} devices, got {jax.devices()}')
-  config = default.get_config()
+  config = config_lib.defaults()
   config.width = FLAGS.width
   config.batch_size = FLAGS.batch_size
   sharding.check_batch_size(config.batch_size)
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
   tx, _ = train.make_optimizer(config, 50000 // config.batch_size)
-  model = train.create_model(config, 10, bn_axis_name=sharding.AXIS)
+  model = trained.create_model(config, 10, bn_axis_name=sharding.AXIS)
   kwargs = dict(seed=config.seed,
                 max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
                 flip=config.augment.flip)
-  state = train.init_state(model, tx, config.seed, mesh)
+  state = steps.init_state(model, tx, config.seed, mesh)
   rng = np.random.default_rng(0)
   images, labels = sharding.global_batch(
       mesh, rng.standard_normal((config.batch_size, 32, 32, 3), np.float32),
       rng.integers(0, 10, config.batch_size).astype(np.int32))
-  fresh_metrics = lambda: jax.device_put(train.TrainMetrics.empty(), replicated)
+  fresh_metrics = lambda: jax.device_put(steps.TrainMetrics.empty(), replicated)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
 
-  steps = {'sharded': train.make_train_step(model, tx, mesh, **kwargs)}
+  steps = {'sharded': steps.make_train_step(model, tx, mesh, **kwargs)}
   if devices == 1:
-    steps['plain'] = plain_train_step(train.create_model(config, 10), tx,
+    steps['plain'] = plain_train_step(trained.create_model(config, 10), tx,
                                       **kwargs)
   result = dict(devices=devices, batch_size=config.batch_size,
                 width=config.width, jax=jax.__version__,

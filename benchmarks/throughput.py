@@ -83,10 +83,10 @@ class _BareReference:
   def __init__(self, step, model, tx, mesh, seed: int):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from allconv_jax import sharding, train  # pylint: disable=g-import-not-at-top
+    from allconv_jax import sharding, steps  # pylint: disable=g-import-not-at-top
     self.step, self.jax = step, jax
-    self.state = train.init_state(model, tx, seed, mesh)
-    self.metrics = jax.device_put(train.TrainMetrics.empty(),
+    self.state = steps.init_state(model, tx, seed, mesh)
+    self.metrics = jax.device_put(steps.TrainMetrics.empty(),
                                   sharding.replicated(mesh))
     rng = np.random.default_rng(0)
     self.batch = sharding.global_batch(
@@ -107,7 +107,7 @@ class _BareReference:
 def full_loop(epochs: int, ref_steps: int) -> dict:
   """Times `train.train_and_evaluate` on digits against its bare step.
 
-  `train.make_train_step` and `train.evaluate` are wrapped (only while the
+  `steps.make_train_step` and `steps.evaluate` are wrapped (only while the
   loop runs) to get hold of the jitted step and to mark when each epoch's
   eval starts and ends; the bare reference runs inside the eval's wrapper,
   after the eval, and its time is not counted.
@@ -116,12 +116,12 @@ def full_loop(epochs: int, ref_steps: int) -> dict:
     Images/s of the loop (with and without eval) and of the bare step, over
     epochs 2 to `epochs`, and the loop's eval rate.
   """
-  from allconv_jax import reporting, train  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
+  from allconv_jax import reporting, steps, train  # pylint: disable=g-import-not-at-top
+  from allconv_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.defaults()
   config.dataset.name, config.num_epochs = 'digits', epochs
   config.width = FLAGS.width
-  make_train_step, evaluate = train.make_train_step, train.evaluate
+  make_train_step, evaluate = steps.make_train_step, steps.evaluate
   found = {}
   marks = []  # Per epoch: (eval start, eval end, reference end, step times).
 
@@ -143,8 +143,8 @@ def full_loop(epochs: int, ref_steps: int) -> dict:
 
   workdir = tempfile.mkdtemp(prefix='allconv_throughput_')
   try:
-    with mock.patch.object(train, 'make_train_step', capture_step), \
-        mock.patch.object(train, 'evaluate', timed_evaluate), \
+    with mock.patch.object(steps, 'make_train_step', capture_step), \
+        mock.patch.object(steps, 'evaluate', timed_evaluate), \
         contextlib.redirect_stdout(io.StringIO()):  # The model summary.
       train.train_and_evaluate(config, workdir)
     steps_per_epoch = reporting.read_csv(

@@ -8,7 +8,7 @@
 Times, in float32 on random data in memory:
 
 * the train step at batch 128 and the eval step at batch 128 and 500 of this
-  library (`train.make_train_step` / `train.make_eval_step`, the paper's
+  library (`steps.make_train_step` / `steps.make_eval_step`, the paper's
   All-CNN-C, SGD + momentum 0.9, weight decay 0.001, dropout; augmentation
   off, since the PyTorch step has none), with the library's defaults (its
   XLA flags and ``conv_impl='auto'``, i.e. oneDNN's convolutions where they
@@ -115,8 +115,8 @@ def _seconds(fn) -> float:
 def all_cnn_c(width: float = 1.0, num_classes: int = 10):
   """All-CNN-C in plain PyTorch: the layers of `allconv_jax.models`.
 
-  A 3x3 stride-2 convolution pads one pixel on each side (XLA's SAME pads
-  only the far side): the same output size and FLOPs.
+  Every 3x3 convolution pads one pixel on each side, stride 2 included, as
+  the library's networks do (Caffe's padding).
   """
   from torch import nn  # pylint: disable=g-import-not-at-top
   c1, c2 = round(96 * width), round(192 * width)
@@ -138,10 +138,10 @@ def all_cnn_c(width: float = 1.0, num_classes: int = 10):
 def serve_torch(channels_last: bool, compiled: bool) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from allconv_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(common.cores())
   torch.manual_seed(0)
-  config = default.get_config()
+  config = config_lib.defaults()
   layout = torch.channels_last if channels_last else torch.contiguous_format
   model = all_cnn_c(FLAGS.width).to(memory_format=layout)
   optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,

@@ -11,11 +11,11 @@ Expected result after 350 epochs: about 66% test accuracy (the paper reports
 add --config.dataset.label=coarse (20 superclasses).
 """
 
-from configs import paper
+from allconv_jax import config as base
 
 
 def get_config():
   """Returns the configuration of this experiment."""
-  config = paper.get_config('all_cnn_c')
+  config = base.paper('all_cnn_c')
   config.dataset.name = 'cifar100'
   return config

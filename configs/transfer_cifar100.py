@@ -9,7 +9,7 @@ CIFAR-10's classes) or `subset2` (flowers, fruit and vegetables, far from
 them); see `allconv_jax.datasets.SUBSETS`. The scratch baseline is the same
 config with `--config.transfer.from_workdir=` left unset.
 
-Command (after training `configs/all_cnn_c.py` into workdirs/all_cnn_c):
+Command (after training `configs/paper.py:all_cnn_c` into workdirs/all_cnn_c):
 
   python -m allconv_jax.main --config=configs/transfer_cifar100.py \
       --workdir=workdirs/transfer_subset1_lr0.001 \
@@ -24,7 +24,7 @@ to stalling; `experiments/results/transfer_digits/` has the offline digits
 analogue.
 """
 
-from configs import paper
+from allconv_jax import config as base
 
 # The first reference's learning rates, run as a sweep.
 LEARNING_RATES = (0.0025, 0.001, 0.0005)
@@ -33,7 +33,7 @@ SUBSETS = ('subset1', 'subset2')
 
 def get_config():
   """Returns the transfer configuration (middle learning rate, subset1)."""
-  config = paper.get_config('all_cnn_c')
+  config = base.paper('all_cnn_c')
   config.dataset.name = 'cifar100'
   config.dataset.classes = 'subset1'
   config.transfer.from_workdir = 'workdirs/all_cnn_c'

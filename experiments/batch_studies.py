@@ -1,14 +1,17 @@
 """The second reference's studies over the first few thousand batches.
 
-One network is trained once per variant of a study for the first `--steps`
-batches, from the same seed (same initial kernels where the variants allow,
-same batch order, augmentation and dropout randomness), with the test split
-evaluated every `--eval_every` steps. The studies (`--study`):
+One network is trained once per variant of a study and seed (`--seeds`) for
+the first `--steps` batches, every variant from the same seeds (same initial
+kernels where the variants allow, same batch order, augmentation and dropout
+randomness), with the test split evaluated every `--eval_every` steps; the
+curves are only reported, nothing is selected on them. The studies
+(`--study`):
 
 * ``init``: LSUV, Glorot normal, He uniform, Gaussian (std 0.01).
 * ``augmentation``: cumulative, as in the reference: none, + random shift
   (10%), + horizontal flip, + per-channel normalization, + GCN and ZCA
-  whitening. Without normalization the inputs are scaled to [0, 1].
+  whitening (`config.preprocess.gcn_scale`, `zca_filter_bias`). Without
+  normalization the inputs are scaled to [0, 1].
 * ``regularization``: the paper's dropout, batch norm, both, neither.
 * ``optimizer``: SGD with Nesterov momentum, RMSProp, Adam.
 
@@ -21,8 +24,10 @@ init study varies it). Writes to `--out`:
 
 * ``<study>.png`` (``init_study.png`` for ``init``): training and test loss
   and accuracy against step;
-* ``results.md``: the setup and the test accuracy at fixed step counts;
-* ``results.json``: every curve, for re-plotting (`--replot`).
+* ``results.md``: the setup and the test accuracy at fixed step counts
+  (mean ± sample std over the seeds when there are several);
+* ``results.json``: every curve, for re-plotting (`--replot`, see
+  `batch_report.py`).
 
 Paper scale (CIFAR-10, 3000 batches, full width; hours on a CPU):
 
@@ -33,11 +38,11 @@ CPU budget, offline on scikit-learn's digits (about a minute per variant
 on 2 cores):
 
   python experiments/batch_studies.py --study=regularization --dataset=digits \\
-      --width=0.25 --steps=500 --eval_every=25
+      --width=0.25 --steps=500 --eval_every=25 --seeds=0,1,2
 
 `experiments/init_study.py` is ``--study=init`` under its historical name.
 Everything but the loop is the library's: `train.make_optimizer`,
-`train.init_state`, `train.make_train_step`, `train.evaluate`, the
+`steps.init_state`, `steps.make_train_step`, `steps.evaluate`, the
 `input_pipeline` and `sharding` modules, and `lsuv.lsuv_init` for LSUV
 (which starts from orthogonal kernels, as `models.create(init='lsuv')` does).
 """
@@ -51,14 +56,15 @@ import time
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import batch_report
 import common  # Puts the repository root on sys.path.
 
 import jax
-import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, flags, logging
 
-from allconv_jax import datasets, input_pipeline, lsuv, models, sharding, train
+from allconv_jax import (datasets, input_pipeline, lsuv, models, sharding, steps,
+                         train, trained)
 from allconv_jax.errors import UserError
 from configs import default
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -105,8 +111,9 @@ STUDIES = {
         Variant('shift_flip_norm_zca', 'shift + flip + normalization + ZCA',
                 _augmentation(True, True, True, True)),
     ), 'augmentation (random shift by up to 10% of the side, horizontal flip) '
-       'and preprocessing (per-channel normalization; global contrast '
-       'normalization and ZCA whitening, epsilon 0.01, before it)'),
+       'and preprocessing (per-channel normalization; before it, global '
+       'contrast normalization (every image scaled to L2 norm 55) and ZCA '
+       'whitening (filter bias 0.1), as pylearn2)'),
     'regularization': Study('Regularization study', 'regularization', (
         Variant('dropout', 'dropout', {'dropout': True, 'batch_norm': False}),
         Variant('batch_norm', 'batch norm',
@@ -153,13 +160,15 @@ flags.DEFINE_integer('eval_batch_size', 250, 'Evaluation batch size.')
 flags.DEFINE_float('learning_rate', 0.01, 'SGD learning rate.')
 flags.DEFINE_float('momentum', 0.9, 'Nesterov momentum.')
 flags.DEFINE_integer('lsuv_batch', 128, 'Training images LSUV measures on.')
-flags.DEFINE_integer('seed', 0, 'Seed of initialization, batches, '
-                     'augmentation and dropout (the same for every run).')
+flags.DEFINE_list('seeds', ['0'], 'Seeds of initialization, batches, '
+                  'augmentation and dropout: every variant runs once per '
+                  'seed, and the tables give the mean ± std over them.')
+flags.DEFINE_alias('seed', 'seeds')
 flags.DEFINE_bool('replot', False, 'Only redraw the PNG and rewrite '
                   'results.md from the results.json in --out.')
 
 
-def make_config(variant: Variant):
+def make_config(variant: Variant, seed: int = 0):
   """The experiment config: the shared protocol with the variant's changes."""
   config = default.get_config()
   config.model = FLAGS.model
@@ -185,7 +194,7 @@ def make_config(variant: Variant):
   config.preprocess.standardize = True
   config.preprocess.gcn_zca = False
   config.lsuv.batch_size = FLAGS.lsuv_batch
-  config.seed = FLAGS.seed
+  config.seed = seed
   config.update_from_flattened_dict(variant.overrides)
   return config
 
@@ -204,14 +213,16 @@ def fit_preprocessor(config, train_images: np.ndarray):
   return input_pipeline.Preprocessor.fit(
       train_images, standardize=config.preprocess.standardize,
       gcn_zca=config.preprocess.gcn_zca,
-      zca_epsilon=config.preprocess.zca_epsilon)
+      gcn_scale=config.preprocess.gcn_scale,
+      zca_filter_bias=config.preprocess.zca_filter_bias)
 
 
-def run_one(variant: Variant, data, mesh) -> dict:
-  """Trains one variant; returns its curve (and LSUV report)."""
-  config = make_config(variant)
+def run_one(variant: Variant, seed: int, data, mesh) -> dict:
+  """Trains one variant from one seed; returns its curve (and LSUV report)."""
+  config = make_config(variant, seed)
   preprocessor = fit_preprocessor(config, data.train.images)
-  train_images, train_labels = preprocessor(data.train.images), data.train.labels
+  train_images = preprocessor(data.train.images)
+  train_labels = data.train.labels
   test_images, test_labels = data.test.images, data.test.labels
   if FLAGS.eval_examples:
     test_images = test_images[:FLAGS.eval_examples]
@@ -222,9 +233,9 @@ def run_one(variant: Variant, data, mesh) -> dict:
                                         config.seed)
   config.num_epochs = max(1, math.ceil(FLAGS.steps / batches.steps_per_epoch))
   tx, _ = train.make_optimizer(config, batches.steps_per_epoch)
-  model = train.create_model(config, num_classes, bn_axis_name=sharding.AXIS)
+  model = trained.create_model(config, num_classes, bn_axis_name=sharding.AXIS)
   start = time.time()
-  state = train.init_state(model, tx, config.seed, mesh)
+  state = steps.init_state(model, tx, config.seed, mesh)
   report = None
   if config.init == 'lsuv':
     rng = np.random.default_rng(config.seed)
@@ -241,19 +252,19 @@ def run_one(variant: Variant, data, mesh) -> dict:
         sharding.replicated(mesh))
   init_seconds = time.time() - start
 
-  train_step = train.make_train_step(
+  train_step = steps.make_train_step(
       model, tx, mesh, seed=config.seed,
       max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
       flip=config.augment.flip)
-  eval_model = train.create_model(config, num_classes)
-  eval_step = train.make_eval_step(eval_model, mesh)
+  eval_model = trained.create_model(config, num_classes)
+  eval_step = steps.make_eval_step(eval_model, mesh)
   local = sharding.local_slice(config.batch_size)
 
   def empty_metrics():
-    return jax.device_put(train.TrainMetrics.empty(), sharding.replicated(mesh))
+    return jax.device_put(steps.TrainMetrics.empty(), sharding.replicated(mesh))
 
   def evaluate(step, window):
-    test = train.evaluate(eval_step, state, mesh, test_images, test_labels,
+    test = steps.evaluate(eval_step, state, mesh, test_images, test_labels,
                           config.eval_batch_size)
     point = dict(step=step, test_loss=test['loss'],
                  test_accuracy=test['accuracy'],
@@ -276,117 +287,12 @@ def run_one(variant: Variant, data, mesh) -> dict:
     if (step + 1) % FLAGS.eval_every == 0 or step + 1 == FLAGS.steps:
       curve.append(evaluate(step + 1, window))
       window = empty_metrics()
-  return dict(variant=variant.name, label=variant.label, curve=curve,
+  return dict(variant=variant.name, label=variant.label, seed=seed,
+              curve=curve,
               init_seconds=round(init_seconds, 2),
               train_seconds=round(time.time() - start, 2),
               lsuv_report=report.to_dict() if report else None,
               lsuv_table=report.table() if report else None)
-
-
-def label(run: dict) -> str:
-  """The plot label of a run.
-
-  results.json files written before init_study.py became a batch study name
-  the variant ``init`` and carry no label.
-  """
-  if 'label' in run:
-    return run['label']
-  return next(v.label for v in STUDIES['init'].variants if v.name == run['init'])
-
-
-def plot(runs, path, title):
-  """Loss and accuracy against step, one colour per variant."""
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for index, run in enumerate(runs):
-    color = f'C{index}'
-    name = label(run)
-    curve = run['curve']
-    steps = [p['step'] for p in curve]
-    trained = [p for p in curve if p['train_loss'] is not None]
-    ax_loss.plot([p['step'] for p in trained],
-                 [p['train_loss'] for p in trained], '-', color=color,
-                 label=f'{name}, train')
-    ax_loss.plot(steps, [p['test_loss'] for p in curve], '--', color=color,
-                 label=f'{name}, test')
-    ax_acc.plot(steps, [100 * p['test_accuracy'] for p in curve], '-',
-                color=color, label=f'{name}, test')
-    ax_acc.plot([p['step'] for p in trained],
-                [100 * p['train_accuracy'] for p in trained], ':', color=color,
-                label=f'{name}, train')
-  ax_loss.set(xlabel='training step (batch)', ylabel='cross-entropy loss',
-              title='loss (train: mean since previous point)')
-  ax_acc.set(xlabel='training step (batch)', ylabel='accuracy (%)',
-             title='accuracy')
-  for ax in (ax_loss, ax_acc):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  common.save_figure(fig, path, title)
-
-
-def table_steps(curve_steps, columns=6):
-  """At most `columns` + 1 evaluated steps at a regular stride, and the last.
-
-  The stride is a multiple of the evaluation interval, a round one (100,
-  250, 500, ...) when there is one.
-  """
-  steps = [s for s in curve_steps if s > 0]
-  if len(steps) <= columns:
-    return steps
-  interval, last = steps[0], steps[-1]
-  multiples = range(interval, last + 1, interval)
-  round_ones = [m for m in multiples
-                if any(m == r * 10**k for k in range(7) for r in (1, 2, 5))]
-  stride = next((m for m in (*round_ones, *multiples)
-                 if last // m <= columns), last)
-  return sorted({*range(stride, last + 1, stride), last} & {*steps})
-
-
-def tables(runs, classes: int) -> list[str]:
-  """The Markdown blocks of results.md: accuracies, step 0, LSUV reports."""
-  steps = table_steps([p['step'] for p in runs[0]['curve']])
-  lines = ['Test accuracy (%) after a number of training batches:', '',
-           '| variant | ' + ' | '.join(f'step {s}' for s in steps)
-           + ' | best (step) | train loss (last window) | '
-           'seconds (init + train) |',
-           '|---|' + '---:|' * (len(steps) + 3)]
-  for run in runs:
-    by_step = {p['step']: p for p in run['curve']}
-    accs = ' | '.join(f"{100 * by_step[s]['test_accuracy']:.1f}" for s in steps)
-    best = max(run['curve'], key=lambda p: p['test_accuracy'])
-    last = run['curve'][-1]
-    lines.append(f"| {label(run)} | {accs} | "
-                 f"{100 * best['test_accuracy']:.1f} ({best['step']}) | "
-                 f"{last['train_loss']:.3f} | "
-                 f"{run['init_seconds']:.0f} + {run['train_seconds']:.0f} |")
-  blocks = ['\n'.join(lines)]
-  start = [f'Chance level is {100 / classes:.0f}%. Step 0 (before training):',
-           '']
-  for run in runs:
-    first = run['curve'][0]
-    start.append(f"- {label(run)}: test accuracy "
-                 f"{100 * first['test_accuracy']:.1f}%, test loss "
-                 f"{first['test_loss']:.3f}")
-  blocks.append('\n'.join(start))
-  for run in runs:
-    if run['lsuv_table']:
-      blocks.append(f"LSUV report ({label(run)}):\n\n```\n"
-                    f"{run['lsuv_table']}\n```")
-  return blocks
-
-
-def write_outputs(study: Study, saved: dict, out: str) -> None:
-  """The PNG, results.md and results.json of `saved` (setup, title, runs)."""
-  png = f'{study.slug}.png'
-  plot(saved['runs'], os.path.join(out, png), saved['title'])
-  setup = dict(saved['setup'])
-  # Older results.json files keep the command in the setup.
-  command_line = saved.get('command') or setup.pop('command')
-  setup.pop('command', None)
-  common.write_results(
-      out, title=saved['title'], script=os.path.basename(sys.argv[0]),
-      setup=setup, command_line=command_line,
-      tables=tables(saved['runs'], setup['classes']), images=[png],
-      data=dict(title=saved['title'], runs=saved['runs']))
 
 
 def main(argv):
@@ -403,10 +309,14 @@ def main(argv):
   out = common.results_dir(f'{study.slug}_{FLAGS.dataset}')
   if FLAGS.replot:
     with open(os.path.join(out, 'results.json')) as f:
-      write_outputs(study, json.load(f), out)
+      batch_report.write_outputs(study.slug, json.load(f), out)
     return
   variants = [v for v in study.variants
               if FLAGS.variants is None or v.name in FLAGS.variants]
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError as e:
+    raise app.UsageError(f'--seeds: {e}')
 
   try:
     data = datasets.load(make_config(variants[0]).dataset)
@@ -419,9 +329,11 @@ def main(argv):
 
   start = time.time()
   runs = []
-  for variant in variants:
-    common.wait_for_lock()
-    runs.append(run_one(variant, data, mesh))
+  with common.shared_preprocessing():  # ZCA: fitted once, not per seed.
+    for variant in variants:
+      for seed in seeds:
+        common.wait_for_lock()
+        runs.append(run_one(variant, seed, data, mesh))
   total = time.time() - start
 
   test_size = FLAGS.eval_examples or len(data.test.labels)
@@ -451,12 +363,14 @@ def main(argv):
       'LSUV': (f'measured on {FLAGS.lsuv_batch} training images, '
                'pre-activation, tol 0.1, max 10 iterations, from orthogonal '
                'kernels'),
-      'seed': f'{FLAGS.seed} (same batches, augmentation and dropout for all)',
+      'seeds': (f'{", ".join(map(str, seeds))}: each variant runs once per '
+                'seed; a seed gives every variant the same batches, '
+                'augmentation and dropout'),
       'wall time': f'{total:.0f} s for all runs',
   }
   title = (f'{study.title}: {FLAGS.model} (width {FLAGS.width:g}) on '
            f'{FLAGS.dataset}, {FLAGS.steps} batches of {FLAGS.batch_size}')
-  write_outputs(study, dict(
+  batch_report.write_outputs(study.slug, dict(
       setup=setup, title=title, runs=runs,
       command=common.command(os.path.basename(sys.argv[0]))), out)
   print(f'wrote {out}/{study.slug}.png, results.md, results.json '

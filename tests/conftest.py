@@ -27,8 +27,14 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # First, so that the library's XLA flags apply to the in-process tests too.
 import allconv_jax  # pylint: disable=unused-import,g-import-not-at-top
 
+from allconv_jax import config  # pylint: disable=g-import-not-at-top
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # For `from configs import ...`.
+
+
+def load_config(name: str):
+  """A config of the repository's configs/, e.g. ``'digits.py'``, loaded by path."""
+  return config.load(str(REPO / 'configs' / name))
 
 # Small and quick, but the real network: All-CNN-C at a quarter width, on
 # five of the ten digits (chance is 20%).

@@ -17,7 +17,7 @@ NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
 def _network_convs():
-  """(input size, kernel, stride, padding) of every conv of the twelve."""
+  """(input size, kernel, stride, pads) of every conv of the twelve."""
   cases = set()
   for name in models.NAMES:
     size = 32
@@ -25,9 +25,8 @@ def _network_convs():
       if isinstance(layer, models.Pool):
         size = -(-size // 2)
       elif isinstance(layer, models.Conv):
-        cases.add((size, layer.kernel, layer.stride, layer.padding))
-        size = (-(-size // layer.stride) if layer.padding == 'SAME'
-                else (size - layer.kernel) // layer.stride + 1)
+        cases.add((size, layer.kernel, layer.stride, layer.pads))
+        size = (size + sum(layer.pads[0]) - layer.kernel) // layer.stride + 1
   return sorted(cases, key=str)
 
 
@@ -46,8 +45,9 @@ def test_the_networks_have_convs_of_each_kind():
   # 32 and 16.
   assert {(s, k) for s, k, stride, _ in _network_convs() if stride > 1} == {
       (32, 5), (16, 5), (32, 1), (16, 1), (32, 3), (16, 3)}
+  pads = lambda p: ((p, p), (p, p))
   assert {(k, p) for _, k, stride, p in _network_convs() if stride == 1} == {
-      (1, 'SAME'), (3, 'SAME'), (3, 'VALID'), (5, 'SAME')}
+      (1, pads(0)), (3, pads(1)), (3, pads(0)), (5, pads(2))}
 
 
 @pytest.mark.parametrize('impl,size,kernel,stride,padding', CASES)

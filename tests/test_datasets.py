@@ -180,6 +180,28 @@ def test_digits_subset(digits, classes):
   np.testing.assert_array_equal(ds.test.images, digits.test.images[keep])
 
 
+def test_validation_split_is_held_out_stratified_and_fixed(digits):
+  ds = datasets.load(_config('digits', validation_size=300))
+  assert digits.validation is None
+  assert (len(ds.train.labels), len(ds.validation.labels)) == (1047, 300)
+  # Disjoint, and together the whole official training split.
+  key = lambda split: {(im.tobytes(), int(l)) for im, l in zip(*dataclasses.astuple(split))}
+  assert not key(ds.train) & key(ds.validation)
+  assert key(ds.train) | key(ds.validation) == key(digits.train)
+  # Each class keeps its share of the training split, to rounding.
+  share = np.bincount(digits.train.labels) * 300 / 1347
+  assert np.abs(np.bincount(ds.validation.labels) - share).max() <= 1
+  np.testing.assert_array_equal(ds.test.labels, digits.test.labels)
+  again = datasets.load(_config('digits', validation_size=300))
+  np.testing.assert_array_equal(again.validation.images, ds.validation.images)
+
+
+@pytest.mark.parametrize('size', [3, 1347])
+def test_validation_split_that_does_not_fit(size):
+  _raises(_config('digits', validation_size=size), 'dataset.validation_size:',
+          'allowed: 0 or 10..1337')
+
+
 def test_digits_does_not_import_tensorflow():
   code = ('import sys, ml_collections; from allconv_jax import datasets; '
           'datasets.load(ml_collections.ConfigDict(dict(name="digits"))); '

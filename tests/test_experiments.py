@@ -1,23 +1,90 @@
-"""Smoke tests of the study scripts in experiments/, at a tiny budget.
+"""Tests of the study scripts in experiments/, at a tiny budget.
 
 Each script runs as a user would run it (a subprocess from the repository
-root) on the digits, with an eighth-width network for an epoch or a few
-steps, into tmp_path; the tests check that the table, the plots and the JSON
-are written and that they describe the runs asked for.
+root) on the digits, with a small network for an epoch or a few steps, into
+tmp_path; the tests check that the table, the plots and the JSON are written
+and that they describe the runs asked for. The Table 3 runner's bookkeeping
+(skipping, resuming, divergence, selection on validation) is tested through
+a driver that replaces the library's training with recorded outcomes, so
+that it needs no training at all.
 """
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 
 from conftest import REPO
 
 TINY = ['--width=0.125', '--machine=test machine']
 
+# Runs experiments/table3.py in a subprocess with, optionally, the library's
+# training replaced (TABLE3_FAKE: "network rate seed" -> [final validation
+# accuracy, final test accuracy] or "diverge"; each call is appended to
+# TABLE3_LOG) or GCN + ZCA off (TABLE3_NO_ZCA: its 3072 x 3072
+# eigendecomposition takes up to a minute on 2 shared cores; the
+# preprocessing has its own tests).
+TABLE3_DRIVER = textwrap.dedent('''
+    import json, os, sys
+    sys.path.insert(0, 'experiments')
+    import table3
+    from absl import app
+    from allconv_jax import reporting, train
+
+    def fake_train_and_evaluate(config, workdir):
+      key = f'{config.model} {config.learning_rate:g} {config.seed}'
+      with open(os.environ['TABLE3_LOG'], 'a') as f:
+        f.write(key + '\\n')
+      outcome = json.loads(os.environ['TABLE3_FAKE'])[key]
+      os.makedirs(workdir, exist_ok=True)
+      if outcome == 'diverge':
+        raise train.Diverged(3, None)
+      validation, test = outcome
+      reporting.write_csv(os.path.join(workdir, 'metrics.csv'), [dict(
+          epoch=1, step=3, learning_rate=config.learning_rate, train_loss=1.0,
+          train_accuracy=0.5, validation_loss=1.0,
+          validation_accuracy=validation, test_loss=1.0, test_accuracy=test,
+          seconds=1.0)])
+      summary = dict(
+          selection='best_validation_accuracy', selected_epoch=1,
+          selected_step=3, selected_validation_accuracy=validation,
+          selected_test_accuracy=test, final_validation_accuracy=validation,
+          final_test_accuracy=test, epochs=1)
+      with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+        json.dump(summary, f)
+      return summary
+
+    if 'TABLE3_FAKE' in os.environ:
+      train.train_and_evaluate = fake_train_and_evaluate
+    if os.environ.get('TABLE3_NO_ZCA'):
+      make_config = table3.make_config
+      def without_zca(*args):
+        config = make_config(*args)
+        config.preprocess.gcn_zca = False
+        return config
+      table3.make_config = without_zca
+    sys.argv[0] = 'experiments/table3.py'
+    app.run(table3.main)
+''')
+
 
 def run_script(name, *args):
   result = subprocess.run([sys.executable, f'experiments/{name}', *TINY, *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def run_table3(out, *args, **env):
+  """table3.py on three digit classes, one epoch, into `out`."""
+  result = subprocess.run(
+      [sys.executable, '-c', TABLE3_DRIVER, '--dataset=digits',
+       '--classes=0,1,2', '--validation_size=30', '--width=0.1', '--epochs=1',
+       '--machine=test machine', '--compilation_cache=', f'--out={out}',
+       *args],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, **env))
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -29,43 +96,106 @@ def table_rows(markdown: str) -> list[list[str]]:
           if line.startswith('|') and not line.startswith('|---')]
 
 
-def test_six_models(tmp_path):
+def test_table3_trains_and_records_a_divergence(tmp_path):
+  # Two real runs of Model A: a usual rate, and one so large that the loss
+  # becomes non-finite in the first epoch.
   out = tmp_path / 'out'
-  # The two cheapest networks.
-  run_script('six_models.py', '--models=model_a,strided_cnn_c', '--epochs=1',
-             f'--out={out}', f'--workdir_root={tmp_path / "runs"}')
-  assert (out / 'six_models.png').stat().st_size > 0
-  rows = table_rows((out / 'results.md').read_text())
-  assert [r[0] for r in rows[1:]] == ['Model A', 'Strided-CNN-C']
+  result = run_table3(out, '--networks=model_a', '--learning_rates=0.01,1e6',
+                      '--seeds=0', TABLE3_NO_ZCA='1')
+  assert 'table3: 2 runs, 0 finished already (skipped), 2 to train' in (
+      result.stdout)
+  assert '[2/2] done model_a lr 1e+06 seed 0' in result.stdout
+  runs = out / 'runs' / 'model_a'
+  summary = json.loads((runs / 'lr0.01_seed0' / 'summary.json').read_text())
+  assert summary['selection'] == 'best_validation_accuracy'
+  assert 0 <= summary['final_validation_accuracy'] <= 1
+  diverged = json.loads((runs / 'lr1e+06_seed0' / 'diverged.json').read_text())
+  assert diverged['step'] >= 1 and 'non-finite' in diverged['message']
   saved = json.loads((out / 'results.json').read_text())
-  # Strided-CNN-C has two 3x3 convs per stage where Model A has one 5x5:
-  # more parameters at any width.
-  params = [run['parameters'] for run in saved['runs']]
-  assert 0 < params[0] < params[1]
-  assert all(len(run['rows']) == 1 for run in saved['runs'])
-  assert 'test machine' in (out / 'results.md').read_text()
+  assert saved['selection']['model_a']['grid']['1e+06']['diverged'] == [0]
+  # The diverged rate counts as chance (1/3); 0.01 is chosen unless it did
+  # no better than chance on validation.
+  assert saved['selection']['model_a']['learning_rate'] == 0.01 or (
+      summary['final_validation_accuracy'] <= 1 / 3)
+  markdown = (out / 'results.md').read_text()
+  assert 'Of 2 runs, 1 diverged' in markdown
+  assert (out / 'table3.png').stat().st_size > 0
+  # Only the small files of each run are meant for git.
+  assert '!runs/*/*/summary.json' in (out / '.gitignore').read_text()
+
+
+def test_table3_selects_on_validation_skips_and_resumes(tmp_path):
+  out, log = tmp_path / 'out', tmp_path / 'calls.log'
+  fake = {
+      # Validation prefers 0.1, test would prefer 0.01.
+      'model_a 0.1 0': [0.80, 0.60], 'model_a 0.1 1': [0.82, 0.62],
+      'model_a 0.01 0': [0.70, 0.90], 'model_a 0.01 1': [0.72, 0.92],
+      # One diverged run, and one that never left chance (1/3 + 0.05).
+      'all_cnn_a 0.1 0': 'diverge', 'all_cnn_a 0.1 1': [0.90, 0.85],
+      'all_cnn_a 0.01 0': [0.35, 0.30], 'all_cnn_a 0.01 1': [0.60, 0.55],
+  }
+  env = dict(TABLE3_FAKE=json.dumps(fake), TABLE3_LOG=str(log))
+  args = ['--networks=all_cnn_a,model_a', '--learning_rates=0.1,0.01',
+          '--seeds=0,1']
+  run_table3(out, *args, **env)
+  assert sorted(log.read_text().split('\n')[:-1]) == sorted(fake)
+
+  saved = json.loads((out / 'results.json').read_text())
+  model_a = saved['selection']['model_a']
+  assert model_a['learning_rate'] == 0.1
+  assert model_a['grid']['0.1']['test'] == [0.60, 0.62]
+  # all_cnn_a: 0.1 has (1/3 + 0.90) / 2 = 0.62 against 0.475.
+  all_cnn_a = saved['selection']['all_cnn_a']
+  assert all_cnn_a['learning_rate'] == 0.1
+  assert all_cnn_a['grid']['0.1']['diverged'] == [0]
+  assert all_cnn_a['grid']['0.01']['at_chance'] == [0]
+  assert (out / 'runs' / 'all_cnn_a' / 'lr0.1_seed0' / 'diverged.json').exists()
+  rows = table_rows((out / 'results.md').read_text())
+  # The paper's order (All-CNN-A after Model A) and the test error at the
+  # rate chosen on validation: 100 - (60, 62) = 39.00 ± 1.41.
+  assert [r[:3] for r in rows[1:3]] == [['Model A', '0.1', '2'],
+                                        ['All-CNN-A', '0.1', '2']]
+  assert rows[1][4] == '39.00 ± 1.41' and rows[1][5] == '12.47'
+  grid = {r[0]: r[1:] for r in rows[4:]}
+  assert grid['All-CNN-A'][0].endswith('[1 d]')
+  assert grid['All-CNN-A'][1].endswith('[1 c]')
+
+  # The same command again, after one run was stopped before it finished
+  # (no summary.json): the seven finished runs are skipped, only that one
+  # trains (the library resumes it from its checkpoint).
+  (out / 'runs' / 'model_a' / 'lr0.01_seed1' / 'summary.json').unlink()
+  result = run_table3(out, *args, **env)
+  assert '7 finished already (skipped), 1 to train' in result.stdout
+  assert '[1/1] resume model_a lr 0.01 seed 1' in result.stdout
+  assert log.read_text().split('\n')[8:-1] == ['model_a 0.01 1']
 
 
 def test_transfer_study(tmp_path):
   out, runs = tmp_path / 'out', tmp_path / 'runs'
   run_script('transfer_study.py', '--dataset=digits', '--epochs=1',
-             '--pretrain_epochs=1', '--subsets=subset2',
+             '--pretrain_epochs=1', '--subsets=subset2', '--seeds=0',
              '--learning_rates=0.0025', f'--out={out}', f'--workdir_root={runs}')
   assert (out / 'transfer_subset2.png').stat().st_size > 0
   rows = table_rows((out / 'results.md').read_text())
-  assert [(r[0], r[1], r[2]) for r in rows[1:3]] == [
-      ('subset2', '0.0025', 'transfer'), ('subset2', '0.0025', 'scratch')]
+  assert [(r[0], r[1], r[2], r[3]) for r in rows[1:3]] == [
+      ('subset2', '0.0025', 'transfer', '1'),
+      ('subset2', '0.0025', 'scratch', '1')]
   # The transfer run starts from the source pretrained on the other digits;
-  # the scratch run from nothing.
-  source = json.loads((runs / 'pretrain_subset1' / 'config.json').read_text())
+  # the scratch run from nothing; both hold out the same validation images.
+  seed = runs / 'seed0'
+  source = json.loads((seed / 'pretrain_subset1' / 'config.json').read_text())
   assert source['dataset']['classes'] == 'subset1'
   transfer = json.loads(
-      (runs / 'subset2_lr0.0025_transfer' / 'config.json').read_text())
+      (seed / 'subset2_lr0.0025_transfer' / 'config.json').read_text())
   scratch = json.loads(
-      (runs / 'subset2_lr0.0025_scratch' / 'config.json').read_text())
-  assert transfer['transfer']['from_workdir'] == str(runs / 'pretrain_subset1')
+      (seed / 'subset2_lr0.0025_scratch' / 'config.json').read_text())
+  assert transfer['transfer']['from_workdir'] == str(seed / 'pretrain_subset1')
   assert scratch['transfer']['from_workdir'] is None
   assert transfer['optimizer'] == 'sgd' and transfer['learning_rate'] == 0.0025
+  assert transfer['dataset']['validation_size'] == 100 == (
+      scratch['dataset']['validation_size'])
+  saved = json.loads((out / 'results.json').read_text())
+  assert [c['arm'] for c in saved['cells']] == ['transfer', 'scratch']
 
 
 def test_batch_study(tmp_path):
@@ -78,13 +208,41 @@ def test_batch_study(tmp_path):
              f'--out={out}')
   assert (out / 'augmentation.png').stat().st_size > 0
   saved = json.loads((out / 'results.json').read_text())
-  assert [run['variant'] for run in saved['runs']] == [
-      'none', 'shift_flip_norm']
+  assert [(run['variant'], run['seed']) for run in saved['runs']] == [
+      ('none', 0), ('shift_flip_norm', 0)]
   for run in saved['runs']:
     assert [p['step'] for p in run['curve']] == [0, 2, 4]
   rows = table_rows((out / 'results.md').read_text())
   assert [r[0] for r in rows[1:]] == [
       'none (inputs in [0, 1])', 'shift + flip + normalization']
+
+
+def test_batch_study_reports_mean_and_std_over_seeds(tmp_path):
+  # The committed init study's runs as seed 0, and a copy 2 points more
+  # accurate everywhere as seed 1: the table gives the mean ± std of both.
+  committed = json.loads((REPO / 'experiments' / 'results' /
+                          'init_study_digits' / 'results.json').read_text())
+  runs = []
+  for run in committed['runs']:
+    shifted = json.loads(json.dumps(run))
+    for point in shifted['curve']:
+      point['test_accuracy'] += 0.02
+    runs += [dict(run, seed=0), dict(shifted, seed=1)]
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'results.json').write_text(json.dumps(dict(committed, runs=runs)))
+  run_script('batch_studies.py', '--study=init', '--dataset=digits',
+             '--replot', f'--out={out}')
+  markdown = (out / 'results.md').read_text()
+  assert 'mean ± sample std over 2 seeds' in markdown
+  rows = table_rows(markdown)
+  assert [r[0] for r in rows[1:]] == [
+      'LSUV', 'Glorot normal', 'He uniform', 'Gaussian (std 0.01)']
+  first = committed['runs'][0]['curve']
+  step = int(rows[0][1].split()[1])
+  accuracy = next(p['test_accuracy'] for p in first if p['step'] == step)
+  # The std of two values 2 points apart is 2 / sqrt(2) = 1.41 points.
+  assert rows[1][1] == f'{100 * accuracy + 1:.1f} ± 1.4'
 
 
 def test_init_study_replots_its_committed_results(tmp_path):

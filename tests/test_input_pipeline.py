@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allconv_jax import input_pipeline, train
+from allconv_jax import config as config_lib, files, input_pipeline, train
 from allconv_jax.errors import UserError
-from configs import default
 
 
 def _images(n=6, h=32, w=32):
@@ -91,20 +90,72 @@ def test_gcn_zca_whitens_and_round_trips_through_a_file(tmp_path):
   x = np.clip(128 + 40 * base + 10 * rng.normal(size=(3000, 8, 8, 3)), 0, 255)
   x = x.astype(np.uint8)
   pre = input_pipeline.Preprocessor.fit(x, standardize=False, gcn_zca=True,
-                                        zca_epsilon=1e-3)
+                                        zca_filter_bias=1e-3)
   flat = pre(x).reshape(len(x), -1)
   cov = np.cov(flat, rowvar=False)
   # Whitened: near-identity covariance (GCN removes one direction, the mean).
   off_diagonal = cov - np.diag(np.diag(cov))
   assert np.abs(off_diagonal).max() < 0.1
   assert np.median(np.diag(cov)) == pytest.approx(1, abs=0.1)
-  path = str(tmp_path / input_pipeline.PREPROCESS_FILE)
+  path = str(tmp_path / files.PREPROCESS)
   pre.save(path)
   np.testing.assert_array_equal(input_pipeline.Preprocessor.load(path)(x[:5]), pre(x[:5]))
 
 
+def _structured_images(n, seed=0):
+  """Images with spatial and colour structure, not white noise."""
+  rng = np.random.default_rng(seed)
+  smooth = rng.normal(size=(n, 4, 4, 1)).repeat(8, 1).repeat(8, 2)
+  colour = rng.normal(size=(n, 1, 1, 3))
+  x = 128 + 50 * smooth + 20 * colour + 8 * rng.normal(size=(n, 32, 32, 3))
+  x = np.clip(x, 0, 255).astype(np.uint8)
+  x[0] = 77  # A constant image: its norm is zero, so GCN leaves it undivided.
+  return x
+
+
+def test_gcn_zca_is_pylearn2s_definition():
+  """The preprocessor against a float64 transcription of the paper's pipeline.
+
+  pylearn2's global_contrast_normalize(X, scale=55.) with its defaults, then
+  ZCA(filter_bias=0.1) fitted on the training images.
+  """
+  train_x, test_x = _structured_images(600), _structured_images(50, seed=1)
+
+  def gcn(images):
+    x = images.reshape(len(images), -1).astype(np.float64)
+    x = x - x.mean(axis=1)[:, None]
+    normalizers = np.sqrt((x ** 2).sum(axis=1)) / 55.0
+    normalizers[normalizers < 1e-8] = 1.0
+    return x / normalizers[:, None]
+
+  x = gcn(train_x)
+  m = x.mean(axis=0)
+  c = (x - m).T @ (x - m) / len(x)
+  lam, v = np.linalg.eigh(c)
+  p = v @ np.diag(1 / np.sqrt(lam + 0.1)) @ v.T
+  expected = ((gcn(test_x) - m) @ p).reshape(test_x.shape)
+
+  pre = input_pipeline.Preprocessor.fit(train_x, standardize=False, gcn_zca=True,
+                                        gcn_scale=55.0, zca_filter_bias=0.1)
+  got = pre(test_x)
+  assert np.linalg.norm(gcn(train_x)[1]) == pytest.approx(55.0)
+  assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
+  np.testing.assert_allclose(got, expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_preprocessing_file_of_the_old_definition_is_refused(tmp_path):
+  # What versions before the pylearn2 definition wrote: no version field.
+  path = str(tmp_path / files.PREPROCESS)
+  np.savez(path, mean=np.zeros(3, np.float32), std=np.ones(3, np.float32),
+           gcn_scale=55.0)
+  with pytest.raises(UserError, match='older version.*start a new workdir') as e:
+    input_pipeline.Preprocessor.load(path)
+  assert '\n' not in str(e.value)
+
+
 def test_piecewise_schedule_at_epoch_boundaries():
-  config = default.get_config()  # lr 0.01, x0.1 at epochs 200, 250, 300 of 350.
+  config = config_lib.defaults()  # lr 0.01, x0.1 at epochs 200, 250, 300 of 350.
   steps_per_epoch = 390
   _, schedule = train.make_optimizer(config, steps_per_epoch)
   for epoch, lr in ((0, 0.01), (199, 0.01), (200, 1e-3), (249, 1e-3),
@@ -115,7 +166,7 @@ def test_piecewise_schedule_at_epoch_boundaries():
 
 
 def test_sgd_is_the_papers():
-  config = default.get_config()
+  config = config_lib.defaults()
   assert (config.optimizer, config.momentum, config.weight_decay) == ('sgd', 0.9, 0.001)
   tx, _ = train.make_optimizer(config, 10)
   params = {'w': jnp.ones(3)}

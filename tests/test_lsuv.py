@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from allconv_jax import datasets, input_pipeline, lsuv, models
+from allconv_jax import datasets, input_pipeline, lsuv, models, orthonormal
 from allconv_jax.errors import UserError
 
 TOL = 0.1
@@ -85,7 +85,7 @@ def _gram_error(kernel) -> float:
 @pytest.mark.parametrize('shape', [(3, 3, 3, 32), (3, 3, 16, 32)])
 def test_orthonormalize_gives_orthonormal_kernel_of_same_shape(shape):
   kernel = jax.random.normal(jax.random.key(0), shape)
-  q = lsuv.orthonormalize(kernel)
+  q = orthonormal.orthonormalize(kernel)
   assert q.shape == kernel.shape and q.dtype == kernel.dtype
   assert _gram_error(q) < 1e-5
   # It is the polar factor U @ Vt of the kernel, not just any orthonormal
@@ -95,7 +95,7 @@ def test_orthonormalize_gives_orthonormal_kernel_of_same_shape(shape):
   np.testing.assert_allclose(np.asarray(q).reshape(u.shape[0], -1), u @ vt,
                              atol=1e-4)
   # An orthonormal kernel is left exactly as it is.
-  np.testing.assert_array_equal(lsuv.orthonormalize(q), q)
+  np.testing.assert_array_equal(orthonormal.orthonormalize(q), q)
 
 
 def test_orthonormalize_handles_ill_conditioned_kernels():
@@ -103,7 +103,7 @@ def test_orthonormalize_handles_ill_conditioned_kernels():
   u, _ = np.linalg.qr(rng.standard_normal((48, 48)))
   v, _ = np.linalg.qr(rng.standard_normal((48, 48)))
   kernel = (u * np.logspace(0, -7, 48)) @ v.T  # condition number 1e7
-  q = lsuv.orthonormalize(
+  q = orthonormal.orthonormalize(
       jnp.asarray(kernel.reshape(1, 1, 48, 48), jnp.float32))
   assert _gram_error(q) < 1e-5
 

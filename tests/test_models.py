@@ -1,8 +1,10 @@
-"""Architecture tests: parameter counts, shapes and names of all twelve."""
+"""Architecture tests: parameter counts, shapes, names, padding and dropout."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax import lax
 
 from allconv_jax import models
 
@@ -122,3 +124,191 @@ def test_summary_table_lists_layers_and_total():
   text = models.summary(models.create('all_cnn_c', 10))
   assert 'classifier' in text and 'conv8' in text
   assert '1,369,738' in text
+
+
+# ------------------------------------------------ padding as in Caffe
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+# Caffe's pad (PyTorch's padding=k//2) of a k x k conv, on every side.
+CAFFE_PAD = {1: 0, 3: 1, 5: 2}
+IMPLS = ('native', 'subpixel', 'onednn')
+# Between them every kind of conv of the twelve: 3x3/1, 3x3/2, VALID 3x3 and
+# 1x1/1 (all_cnn_c), 5x5/1 and 1x1/2 (strided_cnn_b), 5x5/2 (strided_cnn_a),
+# and max-pooling (convpool_cnn_a).
+PADDING_NETWORKS = ('all_cnn_c', 'strided_cnn_b', 'strided_cnn_a',
+                    'convpool_cnn_a')
+# 5 and 10 channels: oneDNN's 1x1/2 weight gradient once broke below 8.
+WIDTH = 0.05
+
+
+def _caffe_pool(x):
+  # Caffe rounds the pooled size up; the last window overhangs the bottom and
+  # right edges, which count as -inf.
+  size = x.shape[1]
+  out = -(-(size - 3) // 2) + 1
+  extra = (out - 1) * 2 + 3 - size
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                           ((0, 0), (0, extra), (0, extra), (0, 0)))
+
+
+def _reference(layers, params, x):
+  """The network with explicit pads: (logits, {conv: its pre-ReLU output})."""
+  names = iter(models.conv_names(layers))
+  outputs = {}
+  for layer in layers:
+    if isinstance(layer, models.Pool):
+      x = _caffe_pool(x)
+    elif isinstance(layer, models.Conv):
+      name = next(names)
+      p = 0 if layer.padding == 'VALID' else CAFFE_PAD[layer.kernel]
+      y = lax.conv_general_dilated(
+          x, params[name]['kernel'], (layer.stride, layer.stride),
+          ((p, p), (p, p)), dimension_numbers=NHWC,
+          precision=lax.Precision.HIGHEST) + params[name]['bias']
+      outputs[name] = y
+      x = jax.nn.relu(y)
+  return jnp.mean(x, axis=(1, 2)), outputs
+
+
+def _random_params(layers, seed):
+  """Kernels of unit gain and non-zero biases, so every tap and bias counts."""
+  rng = np.random.default_rng(seed)
+  params, channels = {}, 3
+  for name, layer in zip(models.conv_names(layers),
+                         [l for l in layers if isinstance(l, models.Conv)]):
+    k, c = layer.kernel, layer.features
+    params[name] = {
+        'kernel': jnp.asarray(rng.standard_normal((k, k, channels, c))
+                              / np.sqrt(k * k * channels), jnp.float32),
+        'bias': jnp.asarray(0.1 * rng.standard_normal(c), jnp.float32)}
+    channels = c
+  return params
+
+
+def _loss_and_grads(apply, params, x):
+  """A loss in which every logit counts; its gradients for params and x."""
+  def loss(params, x):
+    logits, outputs = apply(params, x)
+    return jnp.sum(jnp.sin(3 * logits)), outputs
+  return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+
+
+def _assert_close(actual, expected, what):
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * scale,
+                             err_msg=what)
+
+
+@pytest.mark.parametrize('name', PADDING_NETWORKS)
+def test_convs_pad_as_caffe_forward_and_gradients(name):
+  layers = models.architecture(name, 10, WIDTH)
+  params = _random_params(layers, seed=len(name))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)),
+                  jnp.float32)
+  (_, expected), grads = _loss_and_grads(
+      lambda p, x: _reference(layers, p, x), params, x)
+  for impl in IMPLS:
+    model = models.create(name, 10, width=WIDTH, conv_impl=impl)
+
+    def apply(p, x):
+      logits, state = model.apply({'params': p}, x, capture_intermediates=True,
+                                  mutable=['intermediates'])
+      inter = state['intermediates']
+      return logits, {n: inter[n]['__call__'][0] for n in expected}
+    (_, outputs), mine = _loss_and_grads(apply, params, x)
+    for conv_name, want in expected.items():
+      assert outputs[conv_name].shape == want.shape, (impl, conv_name)
+      _assert_close(outputs[conv_name], want, f'{impl} {conv_name} output')
+    _assert_close(mine[1], grads[1], f'{impl} input gradient')
+    for conv_name in params:
+      for leaf in ('kernel', 'bias'):
+        _assert_close(mine[0][conv_name][leaf], grads[0][conv_name][leaf],
+                      f'{impl} {conv_name} {leaf} gradient')
+
+
+def test_first_strided_conv_is_centred_on_the_pixel():
+  # All-CNN-C's conv3 (3x3, stride 2): output (i, j) is the window of input
+  # rows 2i-1..2i+1 and columns 2j-1..2j+1, zeros outside; flax's 'SAME'
+  # would take rows and columns 2i..2i+2 instead.
+  model = models.create('all_cnn_c', 10, width=WIDTH)
+  params = _random_params(models.architecture('all_cnn_c', 10, WIDTH), seed=3)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 32, 32, 3)),
+                  jnp.float32)
+
+  @jax.jit
+  def run(params, x):
+    _, state = model.apply({'params': params}, x, capture_intermediates=True,
+                           mutable=['intermediates'])
+    inter = state['intermediates']
+    return inter['conv2_activation'][0][0], inter['conv3']['__call__'][0][0]
+  inputs, out = map(np.asarray, run(params, x))
+  kernel, bias = (np.asarray(params['conv3'][k]) for k in ('kernel', 'bias'))
+  padded = np.pad(inputs, ((1, 1), (1, 1), (0, 0)))  # padded[r + 1] = x[r]
+
+  def window(top, left):  # Rows top..top+2, columns left..left+2 of x.
+    patch = padded[top + 1:top + 4, left + 1:left + 4]
+    return np.einsum('hwc,hwcd->d', patch, kernel) + bias
+
+  assert out.shape == (16, 16, kernel.shape[-1])
+  # x[0, 0] is the centre of output (0, 0); row and column -1 are padding.
+  np.testing.assert_allclose(out[0, 0], window(-1, -1), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out[0, 0], window(0, 0), rtol=1e-3, atol=1e-3)
+  for i, j in ((0, 5), (7, 0), (15, 15), (9, 12)):
+    np.testing.assert_allclose(out[i, j], window(2 * i - 1, 2 * j - 1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pads_are_explicit_and_keep_the_sizes():
+  for name in models.NAMES:
+    size, sizes = 32, []
+    for layer in models.architecture(name, 10):
+      if isinstance(layer, models.Pool):
+        size = -(-(size - 3) // 2) + 1  # Caffe's rounding up.
+      elif isinstance(layer, models.Conv):
+        p = 0 if layer.padding == 'VALID' else CAFFE_PAD[layer.kernel]
+        assert layer.pads == ((p, p), (p, p)), (name, layer)
+        size = (size + 2 * p - layer.kernel) // layer.stride + 1
+      sizes.append(size)
+    assert sorted(set(sizes), reverse=True) == [32, 16, 8, 6], name
+
+
+# ------------------------------------------------------ input dropout
+
+
+def _dropouts_that_run(model, variables, x):
+  """The names of the dropout layers a training step goes through."""
+  _, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=True, capture_intermediates=True,
+                               mutable=['intermediates'],
+                               rngs={'dropout': jax.random.key(0)}),
+      variables, x)
+  return sorted(n for n in state['intermediates'] if n.startswith('dropout'))
+
+
+def test_input_dropout_can_be_switched_off():
+  layers = models.architecture('all_cnn_c', 10, WIDTH)
+  variables = {'params': _random_params(layers, seed=4)}
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 32, 32, 3)),
+                  jnp.float32)
+  off = models.create('all_cnn_c', 10, width=WIDTH, input_dropout=False)
+  on = models.create('all_cnn_c', 10, width=WIDTH)
+  assert _dropouts_that_run(on, variables, x) == [
+      'dropout0', 'dropout1', 'dropout2']
+  assert _dropouts_that_run(off, variables, x) == ['dropout1', 'dropout2']
+  # Without dropout, input_dropout has nothing to switch.
+  assert _dropouts_that_run(models.create(
+      'all_cnn_c', 10, width=WIDTH, dropout=False), variables, x) == []
+  # The same network with a 0% input dropout: each dropout's mask comes from
+  # its own name, so the hidden ones drop the same units as in `off`.
+  zero = models.AllConvNet(layers=(models.Drop(0.0), *layers[1:]))
+
+  @jax.jit
+  def run(variables, x):
+    # An 'rbg' key: XLA compiles its masks in a second where threefry's take
+    # several.
+    rngs = {'dropout': jax.random.key(2, impl='rbg')}
+    return [model.apply(variables, x, train=True, rngs=rngs)
+            for model in (off, zero)] + [off.apply(variables, x)]
+  out, zero_out, eval_out = run(variables, x)
+  np.testing.assert_array_equal(out, zero_out)
+  assert not np.allclose(out, eval_out)  # The 50% dropouts stay.

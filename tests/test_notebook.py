@@ -56,8 +56,8 @@ def test_notebook_runs_top_to_bottom(repo, tmp_path, monkeypatch):
     assert reporting.read_csv(tmp_path / 'quick' / run / 'metrics.csv'), run
   assert _images(_cell(nb, "ax.axhline(20")) == 1
   # Predictions: the first ten digits and, if any, the mistakes.
-  predictions = _cell(nb, 'run.restore_best()')
-  assert 'best checkpoint: step' in _stream(predictions, 'stdout')
+  predictions = _cell(nb, 'trained.load(digits_dir)')
+  assert 'selected checkpoint: step' in _stream(predictions, 'stdout')
   assert _images(predictions) >= 1
   assert _images(_cell(nb, "'classifier', test_labels[picks]")) == 1
   # visualize_checkpoint: one PNG per default layer (conv1, conv4, conv8).

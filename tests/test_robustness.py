@@ -37,10 +37,15 @@ import pytest
 
 from conftest import REPO, TINY, snapshot
 
-STEPS_PER_EPOCH = 21  # 675 training digits of classes 0-4, batch 32.
+# 475 training digits of classes 0-4 (of their 675, the digits config holds 200
+# out for validation), batch 32: epoch 2 is steps 15-28, epoch 3 steps 29-42.
+STEPS_PER_EPOCH = 14
 EPOCHS = 3
 EVERY = 5  # checkpoint_every_steps
 LAST_STEP = EPOCHS * STEPS_PER_EPOCH
+# The two mid-epoch checkpoints before the last, kept with it (keep=3).
+PREVIOUS = (LAST_STEP - 1) // EVERY * EVERY
+BEFORE_PREVIOUS = PREVIOUS - EVERY
 ARGS = [*(a for a in TINY if not a.startswith('--config.width=')),
         '--config.width=0.125', f'--config.num_epochs={EPOCHS}',
         f'--config.checkpoint_every_steps={EVERY}']
@@ -268,8 +273,8 @@ def interrupted_run(lab, workdir) -> list[Stage]:
       ('SIGKILL mid-epoch 1', after(10), signal.SIGKILL),
       # Right after the first epoch's checkpoint, maybe before its CSV row.
       ('SIGKILL after epoch 1', after(STEPS_PER_EPOCH), signal.SIGKILL),
-      ('SIGTERM in epoch 2', after(30), signal.SIGTERM),
-      ('SIGINT in epoch 3', after(50), signal.SIGINT),
+      ('SIGTERM in epoch 2', after(20), signal.SIGTERM),
+      ('SIGINT in epoch 3', after(35), signal.SIGINT),
       ('to the end', None, None),
   ]
   stages = []
@@ -297,13 +302,13 @@ def corrupt_resume(lab, workdir) -> Result:
   missing its state, run again with the same command."""
   needs_a(lab)
   latest = workdir / 'checkpoints' / 'latest'
-  assert committed_steps(workdir) == [55, 60, LAST_STEP]
+  assert committed_steps(workdir) == [BEFORE_PREVIOUS, PREVIOUS, LAST_STEP]
   files = [os.path.join(root, name) for root, _, names
            in os.walk(latest / str(LAST_STEP) / 'state') for name in names]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, 'r+b') as f:
     f.truncate(os.path.getsize(biggest) // 2)
-  shutil.rmtree(latest / '60' / 'state')
+  shutil.rmtree(latest / str(PREVIOUS) / 'state')
   return lab.run('corrupt', [*ARGS, f'--workdir={workdir}'])
 
 
@@ -490,8 +495,8 @@ def test_killed_and_restarted_run_reports_the_same_train_metrics(lab):
   assert without_seconds(rows_b) == without_seconds(rows_a)
 
 
-@pytest.mark.parametrize('index,signum,after', [(2, signal.SIGTERM, 30),
-                                                (3, signal.SIGINT, 50)],
+@pytest.mark.parametrize('index,signum,after', [(2, signal.SIGTERM, 20),
+                                                (3, signal.SIGINT, 35)],
                          ids=['SIGTERM', 'SIGINT'])
 def test_signal_saves_a_checkpoint_at_the_current_step_and_resume_completes(
     lab, index, signum, after):
@@ -536,14 +541,14 @@ def test_corrupt_checkpoints_are_moved_aside_and_the_previous_one_is_used(lab):
   # loop print an asyncio traceback of its own; none may come from the
   # library's code.
   assert not re.search(r'File "[^"]*allconv_jax', result.stderr)
-  for step in (LAST_STEP, 60):
+  for step in (LAST_STEP, PREVIOUS):
     warnings = [l for l in result.stderr.splitlines()
                 if f'latest/{step} is unreadable' in l]
     assert len(warnings) == 1 and warnings[0].startswith('W'), result.tail()
     assert (workdir / 'checkpoints' / 'corrupt' / f'latest-{step}').is_dir()
   # Not started over: resumed from the newest good checkpoint, and ended
   # exactly where the uninterrupted run did.
-  assert resumed_from(result) == [55]
+  assert resumed_from(result) == [BEFORE_PREVIOUS]
   assert [int(r['epoch']) for r in read_rows(workdir)] == [1, 2, 3]
   assert without_seconds(read_rows(workdir)) == without_seconds(
       read_rows(lab.base / 'a'))

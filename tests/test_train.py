@@ -4,9 +4,10 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 
-from conftest import TINY, run_binary, run_main, snapshot
+from conftest import TINY, load_config, run_binary, run_main, snapshot
 
 
 @pytest.fixture(scope='module')
@@ -27,15 +28,23 @@ def test_training_writes_every_output_and_learns(trained):
   workdir, result = trained
   rows = _rows(workdir)
   assert list(rows[0]) == ['epoch', 'step', 'learning_rate', 'train_loss',
-                           'train_accuracy', 'test_loss', 'test_accuracy', 'seconds']
+                           'train_accuracy', 'validation_loss',
+                           'validation_accuracy', 'test_loss', 'test_accuracy',
+                           'seconds']
   assert [int(r['epoch']) for r in rows] == [1, 2]
   summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary == json.loads((workdir / 'summary.json').read_text())
+  # The digits config holds out a validation split, which alone selects.
+  assert summary['selection'] == 'best_validation_accuracy'
+  best = max(rows, key=lambda r: float(r['validation_accuracy']))
+  assert summary['selected_epoch'] == int(best['epoch'])
+  assert summary['selected_test_accuracy'] == pytest.approx(float(best['test_accuracy']))
+  assert summary['final_test_accuracy'] == pytest.approx(float(rows[-1]['test_accuracy']))
+  assert 'best_test_accuracy' not in summary
   # Five classes: chance is 20%.
-  assert summary['best_test_accuracy'] > 0.6
-  assert summary['best_test_accuracy'] == pytest.approx(
-      max(float(r['test_accuracy']) for r in rows))
+  assert summary['selected_test_accuracy'] > 0.6
   assert 'classifier' in result.stdout and 'Total Parameters' in result.stdout
-  assert 'ETA' in result.stderr
+  assert 'ETA' in result.stderr and 'val loss' in result.stderr
   for name in ('curves.png', 'preprocess.npz', 'config.json'):
     assert (workdir / name).is_file(), name
   assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
@@ -43,13 +52,13 @@ def test_training_writes_every_output_and_learns(trained):
   assert os.listdir(workdir / 'checkpoints' / 'best')
 
 
-def test_eval_mode_reports_the_best_checkpoint(trained):
+def test_eval_mode_reports_the_checkpoint_selected_on_validation(trained):
   workdir, _ = trained
   result = run_binary(*TINY, f'--workdir={workdir}', '--mode=eval')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert set(report) == {'test_accuracy', 'test_loss', 'step'}
-  best = max(_rows(workdir), key=lambda r: float(r['test_accuracy']))
+  best = max(_rows(workdir), key=lambda r: float(r['validation_accuracy']))
   assert report['test_accuracy'] == pytest.approx(float(best['test_accuracy']), abs=1e-6)
   assert report['step'] == int(best['step'])
 
@@ -116,8 +125,7 @@ def test_bad_input_through_a_real_process(tmp_path):
 
 def test_lsuv_runs_once_before_training_and_not_on_resume(tmp_path):
   from allconv_jax import train  # pylint: disable=g-import-not-at-top
-  from configs import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config()
+  config = load_config('digits.py')
   config.width, config.init, config.num_epochs = 0.25, 'lsuv', 1
   config.dataset.classes = '0,1,2,3,4'
   config.lsuv.batch_size = 64
@@ -131,3 +139,89 @@ def test_lsuv_runs_once_before_training_and_not_on_resume(tmp_path):
   summary = train.train_and_evaluate(config, str(workdir))
   assert summary['epochs'] == 2
   assert report_file.stat().st_mtime_ns == written  # Not run again on resume.
+
+
+def test_preprocessing_is_fitted_on_the_training_images_only(trained):
+  from allconv_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained
+  config = load_config('digits.py').dataset
+  config.classes = '0,1,2,3,4'
+  data = datasets.load(config)
+  saved = input_pipeline.Preprocessor.load(str(workdir / 'preprocess.npz'))
+  np.testing.assert_allclose(
+      saved.mean, input_pipeline.Preprocessor.fit(data.train.images).mean, rtol=1e-6)
+  with_validation = np.concatenate([data.train.images, data.validation.images])
+  assert not np.allclose(
+      saved.mean, input_pipeline.Preprocessor.fit(with_validation).mean, rtol=1e-6)
+
+
+def test_selection_follows_validation_not_test(tmp_path, monkeypatch):
+  """Validation accuracy falls while test accuracy rises: epoch 1 is selected."""
+  from allconv_jax import checkpoints, steps, train  # pylint: disable=g-import-not-at-top
+  config = load_config('digits.py')
+  config.width, config.num_epochs, config.dataset.classes = 0.25, 2, '0,1,2,3,4'
+  scripted = {'validation': [0.9, 0.5], 'test': [0.3, 0.8]}
+  real_evaluate = steps.evaluate
+
+  def evaluate(eval_step, state, mesh, images, labels, batch_size):
+    measured = real_evaluate(eval_step, state, mesh, images, labels, batch_size)
+    split = 'validation' if len(labels) == config.dataset.validation_size else 'test'
+    return dict(measured, accuracy=scripted[split].pop(0))
+
+  monkeypatch.setattr(steps, 'evaluate', evaluate)
+  workdir = tmp_path / 'wd'
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['selected_epoch'] == 1 and summary['selected_test_accuracy'] == 0.3
+  assert summary['final_test_accuracy'] == 0.8
+  best = workdir / 'checkpoints' / 'best'
+  assert checkpoints.selected_dir(str(workdir)) == str(best)
+  assert checkpoints.latest_step(str(best)) == summary['selected_step']
+  with open(best / str(summary['selected_step']) / 'meta' / 'metadata') as f:
+    meta = json.load(f)
+  assert meta['best_epoch'] == 1 and meta['best_validation_accuracy'] == 0.9
+
+
+def test_without_a_validation_split_the_final_checkpoint_is_used(tmp_path, capsys):
+  workdir = tmp_path / 'wd'
+  result = run_binary(*TINY, f'--workdir={workdir}', '--config.num_epochs=2',
+                      '--config.dataset.validation_size=0')
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  rows = _rows(workdir)
+  assert summary['selection'] == 'final' and summary['selected_epoch'] == 2
+  assert summary['selected_validation_accuracy'] is None
+  assert all(r['validation_accuracy'] == 'nan' for r in rows)
+  assert not os.listdir(workdir / 'checkpoints' / 'best')
+  evaluated = run_binary(*TINY, f'--workdir={workdir}', '--mode=eval',
+                         '--config.dataset.validation_size=0')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  report = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  assert report['step'] == int(rows[-1]['step'])
+  assert report['test_accuracy'] == pytest.approx(float(rows[-1]['test_accuracy']), abs=1e-6)
+  # A preprocessing file of the old definition (no version) is refused.
+  np.savez(workdir / 'preprocess.npz', mean=np.zeros(3), std=np.ones(3), gcn_scale=55.0)
+  code, err = run_main(capsys, *TINY, f'--workdir={workdir}', '--mode=eval',
+                       '--config.dataset.validation_size=0')
+  assert code == 2 and 'Traceback' not in err
+  assert err.strip().splitlines()[-1].startswith('error: workdir:')
+  assert 'start a new workdir' in err
+
+
+def test_a_workdir_that_is_a_file_or_in_use_is_a_one_line_error(tmp_path, capsys):
+  from allconv_jax import files  # pylint: disable=g-import-not-at-top
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('not a workdir')
+  code, err = run_main(capsys, *TINY, f'--workdir={a_file}')
+  assert code == 2 and 'Traceback' not in err
+  assert err.strip().splitlines()[-1].startswith(f'error: workdir: {a_file} is a file')
+  assert a_file.read_text() == 'not a workdir'
+
+  workdir = tmp_path / 'wd'
+  with files.lock(str(workdir)):  # As a training process holds it.
+    code, err = run_main(capsys, *TINY, f'--workdir={workdir}')
+  assert code == 2 and 'Traceback' not in err
+  assert 'is in use by process' in err.strip().splitlines()[-1]
+  assert os.listdir(workdir) == ['.lock']
+  # Released on exit: a lock file left behind is no obstacle.
+  with files.lock(str(workdir)):
+    pass

@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from allconv_jax import models, visualize
+from allconv_jax import files, models, visualize
 from allconv_jax.errors import UserError
 from conftest import TINY, run_binary, run_main, snapshot
 
@@ -128,7 +128,7 @@ def test_mode_writes_png_grids(trained, capsys):
                        '--config.visualize.num_units=2',
                        '--config.visualize.num_images=3')
   assert code == 0, err
-  out = visualize.OUTPUT_DIR
+  out = files.VISUALIZATIONS
   pngs = sorted(p.name for p in (trained / out).glob('*.png'))
   assert pngs == ['classifier.png', 'conv1.png', 'conv6.png']
   for name in pngs:

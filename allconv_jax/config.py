@@ -1,0 +1,297 @@
+"""Experiment configs: every field with its default, the paper's protocol,
+loading a config file, and the one check of a config.
+
+The files in the repository's ``configs/`` directory are experiments: each a
+``get_config()`` that starts from `defaults` (or `paper`) and changes a few
+fields. They import only this module, so that they load by path from any
+directory (``--config=/path/to/configs/paper.py:model_a``). Every entry point
+calls `validate` before anything else, so a mistake is one line naming the
+field and what is allowed, before any data is loaded or file written.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from allconv_jax.errors import UserError
+
+OPTIMIZERS = ('sgd', 'adam', 'rmsprop')
+SCHEDULES = ('piecewise', 'onecycle')
+
+
+# The paper's Table 3: CIFAR-10 test error in percent without augmentation,
+# per network, in the order of `allconv_jax.models.NAMES`.
+PAPER_TEST_ERROR = {
+    'model_a': 12.47, 'model_b': 10.20, 'model_c': 9.74,
+    'strided_cnn_a': 13.46, 'strided_cnn_b': 10.98, 'strided_cnn_c': 10.19,
+    'convpool_cnn_a': 10.21, 'convpool_cnn_b': 9.33, 'convpool_cnn_c': 9.31,
+    'all_cnn_a': 10.30, 'all_cnn_b': 9.10, 'all_cnn_c': 9.08,
+}
+
+# The grid the paper chose each network's learning rate from.
+PAPER_LEARNING_RATES = (0.25, 0.1, 0.05, 0.01)
+
+# The twelve networks, in the order of `allconv_jax.models.NAMES` (not
+# imported from there: loading a config should not start JAX;
+# tests/test_configs.py checks they agree).
+NETWORKS = tuple(PAPER_TEST_ERROR)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every field of an experiment config, documented, with its default.
+
+  All-CNN-C on CIFAR-10 with the paper's optimizer and the usual modern
+  input pipeline (per-channel standardization, random translations and
+  flips); `paper` changes it to the paper's protocol.
+  """
+  config = ml_collections.ConfigDict()
+
+  # Network: one of allconv_jax.models.NAMES (model_a .. all_cnn_c).
+  config.model = 'all_cnn_c'
+  # Classes of the class layer; None takes it from the data.
+  config.num_classes = config_dict.placeholder(int)
+  # Multiplier on the 96/192 channels of the paper (1.0 = the paper).
+  config.width = 1.0
+  # 20% dropout on the input, 50% after each pooling layer or its replacement.
+  config.dropout = True
+  # The 20% input dropout alone (only with dropout=True); the second
+  # reference's final model has none.
+  config.input_dropout = True
+  # Batch norm after every hidden conv (not in the paper).
+  config.batch_norm = False
+  # ReLU on the 1x1 class layer before global averaging, as in the paper.
+  config.class_relu = True
+  # Compute dtype: 'float32' or 'bfloat16' (parameters and loss stay float32).
+  config.dtype = 'float32'
+  # How convolutions are computed: 'auto' (the fastest measured on the
+  # platform: 'onednn' on CPU where it can be built, else 'subpixel';
+  # 'native' on GPU/TPU), 'native' (XLA's), 'subpixel' (strided convs get an
+  # input gradient without XLA's zero dilation) or 'onednn' (oneDNN's
+  # convolutions; see allconv_jax/conv.py and onednn.py). Results agree to
+  # float32 rounding.
+  config.conv_impl = 'auto'
+  # Kernel initializer: he_uniform, glorot_normal, gaussian (std 0.01),
+  # orthogonal, or lsuv (data-driven; see allconv_jax/lsuv.py).
+  config.init = 'he_uniform'
+
+  # LSUV (init='lsuv'): run once before the first step on this many
+  # preprocessed training images; rescale each conv until its output variance
+  # is within tol of 1 (at most max_iters times), measured before the ReLU
+  # ('pre_activation', as in the paper) or after it ('post_activation').
+  config.lsuv = ml_collections.ConfigDict()
+  config.lsuv.batch_size = 128
+  config.lsuv.tol = 0.1
+  config.lsuv.max_iters = 10
+  config.lsuv.measure = 'pre_activation'
+
+  config.dataset = ml_collections.ConfigDict()
+  # cifar10, cifar100 or digits (scikit-learn's 8x8 digits, offline).
+  config.dataset.name = 'cifar10'
+  # Where tensorflow-datasets keeps prepared data (None: ~/tensorflow_datasets).
+  config.dataset.data_dir = config_dict.placeholder(str)
+  # A local copy of the official cifar-10-binary.tar.gz / cifar-100-binary.tar.gz
+  # to prepare from with no network.
+  config.dataset.archive = config_dict.placeholder(str)
+  # Images held out of the training split for model selection: never trained
+  # on, never used to fit the preprocessing. Stratified by class and the same
+  # for every run on the same data, whatever the seed. 0: no validation split,
+  # and the final checkpoint is the selected one.
+  config.dataset.validation_size = 0
+  # Class subset: comma-separated names or indices, relabelled 0..k-1 in that
+  # order ('' = all classes), e.g. 'cat,dog' or '3,5'.
+  config.dataset.classes = ''
+  # CIFAR-100 labels: 'fine' (100 classes) or 'coarse' (20 superclasses).
+  config.dataset.label = 'fine'
+
+  # Preprocessing, fitted on the training split and stored in the workdir.
+  config.preprocess = ml_collections.ConfigDict()
+  # Per-channel standardization (zero mean, unit variance).
+  config.preprocess.standardize = True
+  # Global contrast normalization + ZCA whitening, as in the paper (pylearn2's
+  # pipeline of Goodfellow et al.'s maxout networks), fitted on the training
+  # split only. GCN, per image x of all 32*32*3 values:
+  #   x <- x - mean(x);  x <- x / (||x||_2 / gcn_scale)
+  # (images with ||x||_2 / gcn_scale < 1e-8 are left undivided). ZCA, over the
+  # N GCN'd training images: m = their mean, C = (X - m)^T (X - m) / N =
+  # V diag(lambda) V^T, P = V diag(1 / sqrt(lambda + zca_filter_bias)) V^T,
+  # applied as (x - m) P.
+  config.preprocess.gcn_zca = False
+  # The L2 norm of every image after GCN (pylearn2's scale=55).
+  config.preprocess.gcn_scale = 55.0
+  # Added to the covariance eigenvalues before whitening (pylearn2's
+  # filter_bias=0.1).
+  config.preprocess.zca_filter_bias = 0.1
+
+  # Augmentation, on device inside the train step.
+  config.augment = ml_collections.ConfigDict()
+  # Random translation by pad-and-crop, as a fraction of the image side.
+  config.augment.translate = 0.1
+  # Random horizontal flip.
+  config.augment.flip = True
+
+  # Optimization: the paper's protocol.
+  config.batch_size = 128
+  config.eval_batch_size = 500
+  config.num_epochs = 350
+  # sgd, adam or rmsprop.
+  config.optimizer = 'sgd'
+  config.learning_rate = 0.01
+  # 'piecewise': multiply by lr_decay at each epoch of lr_boundaries;
+  # 'onecycle': cosine warm-up to learning_rate and annealing to zero.
+  config.lr_schedule = 'piecewise'
+  config.lr_boundaries = (200, 250, 300)
+  config.lr_decay = 0.1
+  # SGD momentum (RMSProp momentum too); 0 turns it off.
+  config.momentum = 0.9
+  config.nesterov = False
+  # L2 penalty added to the gradient of every parameter.
+  config.weight_decay = 0.001
+
+  # Seed of initialization, batch order, augmentation and dropout.
+  config.seed = 0
+
+  # Checkpoints: every epoch, and every this many steps too (0: epochs only).
+  config.checkpoint_every_steps = 0
+  # How many of the latest checkpoints to keep (the best by validation
+  # accuracy is kept apart).
+  config.checkpoint_keep = 3
+  # Stop at the first non-finite loss, keeping the last good checkpoint.
+  config.halt_on_nan = True
+
+  # Transfer learning (see allconv_jax/transfer.py): start from the selected
+  # checkpoint of another run (a workdir, or a checkpoint directory).
+  config.transfer = ml_collections.ConfigDict()
+  config.transfer.from_workdir = config_dict.placeholder(str)
+  # Comma-separated layer patterns that are re-initialized instead of copied.
+  config.transfer.reinit = 'classifier'
+  # Feature-extractor mode: train only the re-initialized layers.
+  config.transfer.freeze = False
+
+  # --mode=visualize (see allconv_jax/visualize.py): guided backpropagation,
+  # deconvnet and saliency maps of the selected checkpoint, written to
+  # <workdir>/visualizations/<layer>.png.
+  config.visualize = ml_collections.ConfigDict()
+  # Comma-separated layers (conv1, conv2, ..., classifier); '' = a low, a
+  # middle and a top hidden layer, e.g. conv1, conv4, conv8 of All-CNN-C.
+  config.visualize.layers = ''
+  # Comma-separated channel indices drawn for every chosen layer; '' = each
+  # layer's num_units channels of highest mean activation on the test split.
+  config.visualize.units = ''
+  config.visualize.num_units = 4
+  # Test images per unit: those on which its mean activation is highest.
+  config.visualize.num_images = 4
+
+  # Several processes (hosts). Single-process runs leave this alone; every
+  # local device is used either way. Unset fields are detected by JAX in
+  # SLURM, Open MPI and Cloud TPU environments.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = False
+  config.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port'
+  config.distributed.num_processes = config_dict.placeholder(int)
+  config.distributed.process_id = config_dict.placeholder(int)
+  return config
+
+
+def paper(network: str = 'all_cnn_c') -> ml_collections.ConfigDict:
+  """The paper's CIFAR-10 protocol for `network` (see ``configs/paper.py``).
+
+  Args:
+    network: one of `NETWORKS`, the text after ``configs/paper.py:``.
+
+  Raises:
+    ValueError: for any other name, in one line that lists the allowed ones:
+      the binary prints that line after the flag and its value.
+  """
+  if network not in NETWORKS:
+    raise ValueError(f"unknown network {network!r}; allowed: {', '.join(NETWORKS)}")
+  config = defaults()
+  config.model = network
+  config.dataset.name = 'cifar10'
+  config.preprocess.standardize = False
+  config.preprocess.gcn_zca = True
+  config.augment.translate = 0.0
+  config.augment.flip = False
+  # The optimizer, schedule, batch size, epochs, dropout and validation size
+  # of `defaults` are the protocol's already.
+  return config
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+  """Loads a config file as ``--config`` does: ``'configs/paper.py:model_a'``.
+
+  The text after the colon, if any, is passed to the file's ``get_config``.
+  """
+  path, _, arg = path.partition(':')
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line `UserError` for the first bad config value.
+
+  The one place where a config is checked: the library below it takes the
+  values as given.
+  """
+  # pylint: disable=g-import-not-at-top
+  # Here, not at the top: loading a config file must not start JAX.
+  from allconv_jax import conv, datasets, lsuv, models, sharding
+  # pylint: enable=g-import-not-at-top
+  def need(ok: bool, field: str, message: str):
+    if not ok:
+      raise UserError(f'{field}: {message}')
+
+  need(config.model in models.NAMES, 'model',
+       f"unknown network {config.model!r}; allowed: {', '.join(models.NAMES)}")
+  need(config.dataset.name in datasets.NAMES, 'dataset.name',
+       f"unknown dataset {config.dataset.name!r}; allowed: {', '.join(datasets.NAMES)}")
+  need(config.optimizer in OPTIMIZERS, 'optimizer',
+       f"unknown optimizer {config.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+  need(config.lr_schedule in SCHEDULES, 'lr_schedule',
+       f"unknown schedule {config.lr_schedule!r}; allowed: {', '.join(SCHEDULES)}")
+  need(config.dtype in models.DTYPES, 'dtype',
+       f"unknown dtype {config.dtype!r}; allowed: {', '.join(models.DTYPES)}")
+  need(config.conv_impl in conv.IMPLS, 'conv_impl',
+       f"unknown implementation {config.conv_impl!r}; allowed: {', '.join(conv.IMPLS)}")
+  inits = [*models.INITIALIZERS, 'lsuv']
+  need(config.init in inits, 'init',
+       f"unknown initializer {config.init!r}; allowed: {', '.join(inits)}")
+  for field in ('batch_size', 'eval_batch_size', 'num_epochs'):
+    value = config[field]
+    need(isinstance(value, int) and value > 0, field,
+         f'must be a positive integer, got {value!r}')
+  need(config.learning_rate > 0, 'learning_rate',
+       f'must be positive, got {config.learning_rate!r}')
+  need(config.weight_decay >= 0, 'weight_decay',
+       f'must be zero or positive, got {config.weight_decay!r}')
+  need(0 <= config.momentum < 1, 'momentum',
+       f'must be in [0, 1), got {config.momentum!r}')
+  need(config.lr_decay > 0, 'lr_decay', f'must be positive, got {config.lr_decay!r}')
+  bounds = list(config.lr_boundaries)
+  need(all(b > 0 for b in bounds) and bounds == sorted(set(bounds)),
+       'lr_boundaries', f'must be increasing positive epochs, got {bounds!r}')
+  need(config.width > 0, 'width', f'must be positive, got {config.width!r}')
+  need(0 <= config.augment.translate < 0.5, 'augment.translate',
+       f'must be a fraction of the side in [0, 0.5), got {config.augment.translate!r}')
+  need(config.num_classes is None or config.num_classes > 0, 'num_classes',
+       f'must be positive or None (from the data), got {config.num_classes!r}')
+  need(config.checkpoint_every_steps >= 0, 'checkpoint_every_steps',
+       f'must be 0 (each epoch only) or positive, got {config.checkpoint_every_steps!r}')
+  if config.init == 'lsuv':
+    sharding.check_batch_size(config.lsuv.batch_size, 'lsuv.batch_size')
+    need(config.lsuv.tol > 0, 'lsuv.tol', f'must be positive, got {config.lsuv.tol!r}')
+    need(config.lsuv.measure in lsuv.MEASURES, 'lsuv.measure',
+         f"unknown {config.lsuv.measure!r}; allowed: {', '.join(lsuv.MEASURES)}")
+  size = config.dataset.validation_size
+  need(isinstance(size, int) and size >= 0, 'dataset.validation_size',
+       f'must be 0 (no validation split) or a positive integer, got {size!r}')
+  need(config.preprocess.gcn_scale > 0, 'preprocess.gcn_scale',
+       f'must be positive, got {config.preprocess.gcn_scale!r}')
+  need(config.preprocess.zca_filter_bias > 0, 'preprocess.zca_filter_bias',
+       f'must be positive, got {config.preprocess.zca_filter_bias!r}')
+  need(config.checkpoint_keep >= 1, 'checkpoint_keep',
+       f'must be at least 1, got {config.checkpoint_keep!r}')

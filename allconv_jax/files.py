@@ -1,0 +1,110 @@
+"""A run's directory: the names of its files, its lock and atomic writes.
+
+Layout of ``<workdir>/``:
+
+  checkpoints/latest/<step>/   every epoch (and every checkpoint_every_steps)
+  checkpoints/best/<step>/     the best by validation accuracy
+  checkpoints/corrupt/         unreadable checkpoints, moved aside on resume
+  preprocess.npz               the input transform fitted on the training split
+  config.json                  the config the run started with
+  metrics.csv, curves.png      one row / point per epoch
+  summary.json                 what the run reports, once it is complete
+  lsuv_report.json             what LSUV did (init='lsuv')
+  events.out.tfevents.*        TensorBoard scalars
+  visualizations/              written by --mode=visualize
+  .lock                        held by the process training in it
+
+Every file is written under a temporary name and renamed into place, so a
+crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from typing import Callable, Iterator
+
+from allconv_jax.errors import UserError
+
+CHECKPOINTS = 'checkpoints'
+PREPROCESS = 'preprocess.npz'
+CONFIG = 'config.json'
+METRICS = 'metrics.csv'
+CURVES = 'curves.png'
+SUMMARY = 'summary.json'
+LSUV_REPORT = 'lsuv_report.json'
+VISUALIZATIONS = 'visualizations'
+LOCK = '.lock'
+
+
+def check(workdir: str) -> None:
+  """Raises a one-line `UserError` if `workdir` cannot be a directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'workdir: {workdir} is a file, not a directory; give a '
+                    'directory (it is created if missing)')
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds the workdir's lock while a run writes to it.
+
+  The lock is the kernel's (`flock`) on ``<workdir>/.lock``: it is released
+  when the process exits, however it exits, so the file a killed run leaves
+  behind is no obstacle; the file only says which process holds the lock.
+
+  Raises:
+    UserError: another live process holds the lock.
+  """
+  check(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      holder = os.pread(fd, 100, 0).decode(errors='replace').strip() or 'another process'
+      raise UserError(f'workdir: {workdir} is in use by {holder}; wait for it '
+                      'to finish or use another workdir') from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'process {os.getpid()} on {os.uname().nodename}\n'.encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # Releases the lock.
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+  """Calls ``write(temporary path)``, then renames the file to `path`.
+
+  The temporary name keeps the extension, for writers that go by it.
+  """
+  root, ext = os.path.splitext(path)
+  tmp = f'{root}.tmp{ext}'
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path: str, value) -> None:
+  """Writes `value` as indented JSON, atomically."""
+  def write(tmp):
+    with open(tmp, 'w') as f:
+      json.dump(value, f, indent=2)
+      f.write('\n')
+  atomic_write(path, write)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text`, atomically."""
+  def write(tmp):
+    with open(tmp, 'w') as f:
+      f.write(text)
+  atomic_write(path, write)

@@ -1,0 +1,118 @@
+"""A trained run: its network built from a config, and loading it from a workdir.
+
+`load` is the one way to get a trained network back: ``--mode=eval``,
+``--mode=visualize``, transfer learning and the notebook all use it. It
+reads the workdir's selected checkpoint (the best by validation accuracy,
+else the final one), the preprocessing the run was trained with, and the
+run's own ``config.json`` to rebuild the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from allconv_jax import (checkpoints, config as config_lib, datasets, files,
+                         input_pipeline, models, sharding, steps)
+from allconv_jax.errors import UserError
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 bn_axis_name: str | None = None) -> models.AllConvNet:
+  """The network `config` describes, with `num_classes` outputs."""
+  return models.create(
+      config.model, num_classes, width=config.width, dropout=config.dropout,
+      input_dropout=config.input_dropout, batch_norm=config.batch_norm,
+      class_relu=config.class_relu, dtype=config.dtype, init=config.init,
+      bn_axis_name=bn_axis_name, conv_impl=config.conv_impl)
+
+
+def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """What a checkpoint records of its network, to be checked on restore."""
+  return {f: num_classes if f == 'num_classes' else config[f]
+          for f in checkpoints.ARCHITECTURE_FIELDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A network as trained in a workdir.
+
+  Attributes:
+    config: the run's config, as it started (``config.json``).
+    model: its network (evaluation only: no mesh axis).
+    variables: ``{'params': ...}`` (and ``'batch_stats'``), numpy arrays.
+    preprocessor: the input transform the run was trained with.
+    step: the checkpoint's step.
+    meta: the checkpoint's meta (architecture, epoch, history).
+  """
+  config: ml_collections.ConfigDict
+  model: models.AllConvNet
+  variables: dict[str, Any]
+  preprocessor: input_pipeline.Preprocessor
+  step: int
+  meta: dict
+
+
+def load(workdir: str, expected: dict | None = None, field: str = 'workdir') -> Trained:
+  """Loads the selected checkpoint of a trained workdir.
+
+  Args:
+    workdir: a run's directory.
+    expected: architecture fields (see `architecture`) the checkpoint must
+      match, e.g. those of the config the caller was given.
+    field: the config field that named `workdir`, for error messages.
+
+  Raises:
+    UserError: no such workdir, no checkpoint, or a checkpoint of another
+      architecture; before anything is written.
+  """
+  if not os.path.isdir(workdir):
+    raise UserError(f'{field}: no such directory: {workdir}')
+  config_path = os.path.join(workdir, files.CONFIG)
+  directory = checkpoints.selected_dir(workdir)
+  step = checkpoints.latest_step(directory)
+  if step is None or not os.path.exists(config_path):
+    raise UserError(f'{field}: no checkpoint in {workdir}; train first')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  tree, meta = checkpoints.restore_tree(directory, step, expected, field)
+  state = tree['state']
+  variables = {'params': state['params']}
+  if state.get('batch_stats'):
+    variables['batch_stats'] = state['batch_stats']
+  model = create_model(config, int(meta['num_classes']))
+  checkpoints.check_compatible(steps.abstract_variables(model), variables,
+                               directory)
+  preprocessor = input_pipeline.Preprocessor.load(
+      os.path.join(workdir, files.PREPROCESS))
+  return Trained(config, model, variables, preprocessor, step, meta)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Evaluates the selected checkpoint of `workdir` on the test split.
+
+  Returns:
+    ``{'test_accuracy', 'test_loss', 'step'}``.
+
+  Raises:
+    UserError: a bad config, a workdir without a checkpoint, or one of
+      another architecture than `config`'s.
+  """
+  config_lib.validate(config)
+  sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  data = datasets.load(config.dataset)
+  run = load(workdir, architecture(config, data.num_classes))
+  mesh = sharding.make_mesh()
+  state = jax.device_put(
+      steps.TrainState(step=run.step, params=run.variables['params'],
+                       batch_stats=run.variables.get('batch_stats', {}),
+                       opt_state=None), sharding.replicated(mesh))
+  test = steps.evaluate(steps.make_eval_step(run.model, mesh), state, mesh,
+                        run.preprocessor(data.test.images), data.test.labels,
+                        config.eval_batch_size)
+  return dict(test_accuracy=test['accuracy'], test_loss=test['loss'],
+              step=run.step)

@@ -1,0 +1,399 @@
+"""Table 3 of the paper: twelve networks, a learning-rate grid, several seeds.
+
+The paper trains each of its twelve networks (Model A, B, C and their
+Strided-, ConvPool- and All-CNN variants) on CIFAR-10 without augmentation,
+picking each network's learning rate from {0.25, 0.1, 0.05, 0.01}, and
+reports one test error per network. Here every (network, rate, seed) is one
+`train.train_and_evaluate` run of ``configs/paper.py:<network>`` with a
+stratified validation split held out of the training images. Per network,
+the rate with the highest mean final validation accuracy over the seeds is
+selected, and the final test error at that rate is reported as mean ± sample
+std over the seeds, beside the paper's number. Nothing is selected on the
+test split. Runs that diverged (`train.Diverged`) or never left chance
+(final validation accuracy at most chance + `--chance_margin`) are counted;
+a diverged run counts as chance accuracy in the means of its rate.
+
+Each run trains in ``<runs_dir>/<network>/lr<rate>_seed<seed>/`` (default
+``<out>/runs``). A run is finished when its workdir holds ``summary.json``
+(written when training completes) or ``diverged.json`` (written here); the
+same command skips finished runs and resumes interrupted ones from their
+latest checkpoint. Writes to `--out`: ``results.md``, ``table3.png`` (mean
+validation accuracy per epoch, one panel per network, one curve per rate),
+``results.json`` (every run's summary and metrics rows, and the selection)
+and a ``.gitignore`` that keeps only the small files of each run.
+
+CIFAR-10, the paper's protocol (350 epochs per run, 5,000 validation images,
+144 runs; not run here, it needs GPUs):
+
+  python experiments/table3.py --dataset=cifar10 \\
+      --archive=/path/to/cifar-10-binary.tar.gz
+
+Digits, a CPU budget (the paper's protocol with only the dataset, the width,
+the epochs and the validation size changed; 300 of the 1,347 training digits
+are held out):
+
+  python experiments/table3.py --dataset=digits --width=0.25 --epochs=10
+"""
+
+import math
+import os
+import sys
+import time
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # Puts the repository root on sys.path.
+
+import matplotlib.pyplot as plt
+import numpy as np
+from absl import app, flags
+
+from allconv_jax import config as config_lib, datasets, models, stopping
+from allconv_jax.errors import UserError
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+PAPER_TEST_ERROR = config_lib.PAPER_TEST_ERROR  # CIFAR-10 test error (%).
+# 10% of CIFAR-10's training images, as is usual; 300 of the 1,347 digits
+# leave 30 per class to choose on and 1,047 to train on.
+VALIDATION_SIZE = {'cifar10': 5000, 'digits': 300}
+_PREFIX = {'model': 'Model ', 'strided_cnn': 'Strided-CNN-',
+           'convpool_cnn': 'ConvPool-CNN-', 'all_cnn': 'All-CNN-'}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('dataset', 'digits', list(VALIDATION_SIZE),
+                  'cifar10 (needs --archive or tfds data) or digits.')
+flags.DEFINE_string('archive', None,
+                    'Local copy of the official cifar-10-binary.tar.gz.')
+flags.DEFINE_string('data_dir', None, 'tensorflow-datasets data directory.')
+flags.DEFINE_list('networks', list(models.NAMES), 'Networks to train.')
+flags.DEFINE_list('learning_rates',
+                  [f'{lr:g}' for lr in config_lib.PAPER_LEARNING_RATES],
+                  'The learning-rate grid.')
+flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of every (network, rate).')
+flags.DEFINE_float('width', 1.0, 'Multiplier on the 96/192 channels.')
+flags.DEFINE_integer('epochs', None, "Epochs per run (default: the paper's "
+                     '350).')
+flags.DEFINE_integer('validation_size', None, 'Training images held out to '
+                     'choose the rate on (default, or 0: 5000 on cifar10, '
+                     '300 on digits).')
+flags.DEFINE_string('classes', '', 'Train on these classes only (a '
+                    'dataset.classes value, e.g. 0,1,2; for quick checks).')
+flags.DEFINE_float('chance_margin', 0.05, 'A finished run whose final '
+                   'validation accuracy is at most 1/classes + this never '
+                   'left chance.')
+flags.DEFINE_string('runs_dir', None, 'Where the runs go (default: '
+                    '<out>/runs).')
+flags.DEFINE_bool('report_only', False, 'Train nothing: report the finished '
+                  'runs.')
+flags.DEFINE_bool('prune', False, 'Delete the checkpoints and the fitted '
+                  'preprocessing of each finished run (they only serve to '
+                  'resume or re-evaluate it).')
+flags.DEFINE_string('compilation_cache', os.path.join(
+    common.ROOT, 'workdirs', 'jax_cache'), "JAX's persistent compilation "
+                    "cache ('': off).")
+
+
+def label(network: str) -> str:
+  """'all_cnn_c' -> 'All-CNN-C'."""
+  variant, base = network.rsplit('_', 1)
+  return _PREFIX[variant] + base.upper()
+
+
+def table_order(networks) -> list[str]:
+  """The paper's order: by base model, then plain, Strided, ConvPool, All."""
+  variants = list(_PREFIX)
+  return sorted(networks, key=lambda n: (n.rsplit('_', 1)[1],
+                                         variants.index(n.rsplit('_', 1)[0])))
+
+
+def validation_size() -> int:
+  return FLAGS.validation_size or VALIDATION_SIZE[FLAGS.dataset]
+
+
+def make_config(network: str, learning_rate: float, seed: int):
+  """The paper's protocol; only data, width, epochs and validation change."""
+  config = config_lib.paper(network)
+  config.dataset.name = FLAGS.dataset
+  config.dataset.archive = FLAGS.archive
+  config.dataset.data_dir = FLAGS.data_dir
+  config.dataset.classes = FLAGS.classes
+  config.dataset.validation_size = validation_size()
+  config.width = FLAGS.width
+  if FLAGS.epochs:
+    config.num_epochs = FLAGS.epochs
+  config.learning_rate = learning_rate
+  config.seed = seed
+  config.halt_on_nan = True  # A diverged run stops and is recorded.
+  return config
+
+
+def workdir_of(root: str, network: str, learning_rate: float, seed: int):
+  return os.path.join(root, network, f'lr{learning_rate:g}_seed{seed}')
+
+
+def sweep(specs: list[tuple], root: str) -> list[dict]:
+  """Trains every (network, rate, seed) not finished yet; returns all records.
+
+  Prints a line when a run starts and when it ends, with an estimate of the
+  time the sweep still needs (from the runs trained so far in this call).
+  """
+  finished = {s: common.load_run(workdir_of(root, *s)) for s in specs}
+  todo = [spec for spec in specs if finished[spec] is None]
+  print(f'table3: {len(specs)} runs, {len(specs) - len(todo)} finished '
+        f'already (skipped), {len(todo)} to train', flush=True)
+  if FLAGS.report_only:
+    todo = []
+  spent = []
+  with common.shared_preprocessing():
+    for index, spec in enumerate(todo, 1):
+      network, lr, seed = spec
+      workdir = workdir_of(root, *spec)
+      verb = ('resume' if os.path.exists(os.path.join(workdir, 'metrics.csv'))
+              else 'start')
+      print(f'[{index}/{len(todo)}] {verb} {network} lr {lr:g} seed {seed}',
+            flush=True)
+      begin = time.time()
+      finished[spec] = record = common.train_run(make_config(*spec), workdir)
+      if FLAGS.prune:
+        common.prune(workdir)
+      spent.append(time.time() - begin)
+      eta = sum(spent) / len(spent) * (len(todo) - index)
+      summary = record['summary']
+      outcome = (f"diverged at step {record['diverged']['step']}"
+                 if summary is None else
+                 f"final validation "
+                 f"{100 * summary['final_validation_accuracy']:.1f}%, "
+                 f"test {100 * summary['final_test_accuracy']:.1f}%")
+      print(f'[{index}/{len(todo)}] done {network} lr {lr:g} seed {seed} in '
+            f'{spent[-1]:.0f} s: {outcome}; sweep ETA {common.duration(eta)}',
+            flush=True)
+  return [dict(finished[spec], network=spec[0], learning_rate=spec[1],
+               seed=spec[2], workdir=os.path.relpath(workdir_of(root, *spec),
+                                                     common.ROOT))
+          for spec in specs if finished[spec] is not None]
+
+
+def final_accuracies(run: dict, chance: float) -> tuple[float, float]:
+  """(validation, test) accuracy of the final network; chance if diverged."""
+  if run['status'] == 'diverged':
+    return chance, chance
+  summary = run['summary']
+  return summary['final_validation_accuracy'], summary['final_test_accuracy']
+
+
+def select(runs: list[dict], rates: list[float], chance: float,
+           margin: float) -> dict:
+  """Per network: every rate's mean ± std, and the rate chosen on validation.
+
+  The chosen rate has the highest mean final validation accuracy over its
+  seeds (ties: the first in grid order). Test accuracies are carried along
+  to be reported, never compared.
+  """
+  selection = {}
+  for network in table_order({r['network'] for r in runs}):
+    grid = {}
+    for lr in rates:
+      cell = [r for r in runs if r['network'] == network and
+              math.isclose(r['learning_rate'], lr)]
+      if not cell:
+        continue
+      accuracies = [final_accuracies(r, chance) for r in cell]
+      grid[lr] = dict(
+          seeds=[r['seed'] for r in cell],
+          validation=[v for v, _ in accuracies],
+          test=[t for _, t in accuracies],
+          diverged=[r['seed'] for r in cell if r['status'] == 'diverged'],
+          at_chance=[r['seed'] for r, (v, _) in zip(cell, accuracies)
+                     if r['status'] == 'finished' and v <= chance + margin])
+    chosen = max(grid, key=lambda lr: np.mean(grid[lr]['validation']))
+    selection[network] = dict(learning_rate=chosen, grid=grid)
+  return selection
+
+
+def _error(accuracies) -> str:
+  return common.format_mean_std([1 - a for a in accuracies], digits=2)
+
+
+def tables(selection: dict, chance: float, margin: float,
+           dataset: str) -> list[str]:
+  """The Markdown blocks: selected rates, the whole grid, the failures."""
+  paper_column = ('paper, CIFAR-10 (other data: orientation only)'
+                  if dataset != 'cifar10' else 'paper')
+  main = [f'| network | rate (chosen on validation) | seeds | final '
+          f'validation acc. (%) | final test error (%) | {paper_column}: '
+          'test error (%) |', '|---|---:|---:|---:|---:|---:|']
+  for network, chosen in selection.items():
+    cell = chosen['grid'][chosen['learning_rate']]
+    main.append(f"| {label(network)} | {chosen['learning_rate']:g} | "
+                f"{len(cell['seeds'])} | "
+                f"{common.format_mean_std(cell['validation'])} | "
+                f"{_error(cell['test'])} | {PAPER_TEST_ERROR[network]:.2f} |")
+  rates = sorted({lr for c in selection.values() for lr in c['grid']},
+                 reverse=True)
+  grid = ['Mean ± std over seeds of the final validation accuracy (%) at '
+          'every rate; the chosen rate in bold; [d: runs that diverged, c: '
+          'runs that never left chance]:', '',
+          '| network | ' + ' | '.join(f'lr {lr:g}' for lr in rates) + ' |',
+          '|---|' + '---:|' * len(rates)]
+  for network, chosen in selection.items():
+    cells = []
+    for lr in rates:
+      cell = chosen['grid'].get(lr)
+      if cell is None:
+        cells.append('-')
+        continue
+      text = common.format_mean_std(cell['validation'])
+      if lr == chosen['learning_rate']:
+        text = f'**{text}**'
+      marks = [f'{n} {k}' for n, k in ((len(cell['diverged']), 'd'),
+                                       (len(cell['at_chance']), 'c')) if n]
+      cells.append(text + (f" [{', '.join(marks)}]" if marks else ''))
+    grid.append(f'| {label(network)} | ' + ' | '.join(cells) + ' |')
+  cells = [c for s in selection.values() for c in s['grid'].values()]
+  runs = sum(len(c['seeds']) for c in cells)
+  diverged = sum(len(c['diverged']) for c in cells)
+  stuck = sum(len(c['at_chance']) for c in cells)
+  failures = (f'Of {runs} runs, {diverged} diverged (a non-finite loss; '
+              'counted as chance accuracy, '
+              f'{100 * chance:.0f}%, in the means) and {stuck} finished at '
+              f'most {100 * margin:.0f} points above chance in final '
+              'validation accuracy. Errors are 100 - accuracy; the std is '
+              'the sample std (n - 1) over seeds.')
+  return ['\n'.join(main), '\n'.join(grid), failures]
+
+
+def plot(runs: list[dict], selection: dict, chance: float, path: str,
+         title: str) -> None:
+  """Mean validation accuracy per epoch per rate, one panel per network."""
+  columns = min(4, len(selection))
+  rows = math.ceil(len(selection) / columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows),
+                           squeeze=False)
+  rates = sorted({r['learning_rate'] for r in runs}, reverse=True)
+  for ax, (network, chosen) in zip(axes.flat, selection.items()):
+    for index, lr in enumerate(rates):
+      cell = [r['rows'] for r in runs if r['network'] == network and
+              math.isclose(r['learning_rate'], lr)]
+      epochs, means = common.mean_curve(cell, 'validation_accuracy')
+      grid = chosen['grid'].get(lr, {})
+      name = f'lr {lr:g}' + (f" ({len(grid['diverged'])} div.)"
+                             if grid.get('diverged') else '')
+      ax.plot(epochs, [100 * m for m in means], color=f'C{index}',
+              marker='o', markersize=2, label=name,
+              linewidth=2.5 if lr == chosen['learning_rate'] else 1)
+    ax.axhline(100 * chance, color='grey', linestyle=':', linewidth=1)
+    ax.set(title=label(network), xlabel='epoch',
+           ylabel='validation acc. (%)', ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  for ax in list(axes.flat)[len(selection):]:
+    ax.axis('off')
+  common.save_figure(fig, path, title)
+
+
+def write_gitignore(out: str) -> None:
+  """Keeps each run's small text files; checkpoints and the rest stay out."""
+  with open(os.path.join(out, '.gitignore'), 'w') as f:
+    f.write('runs/*/*/*\n' + ''.join(
+        f'!runs/*/*/{name}\n' for name in (
+            'metrics.csv', 'summary.json', 'diverged.json', 'runner.json',
+            'config.json')))
+
+
+def main(argv):
+  del argv
+  unknown = [n for n in FLAGS.networks if n not in models.NAMES]
+  if unknown:
+    raise app.UsageError(f'--networks: unknown {unknown}; allowed: '
+                         f'{models.NAMES}')
+  try:
+    rates = [float(lr) for lr in FLAGS.learning_rates]
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError as e:
+    raise app.UsageError(f'--learning_rates or --seeds: {e}')
+  out = common.results_dir(f'table3_{FLAGS.dataset}')
+  root = FLAGS.runs_dir or os.path.join(out, 'runs')
+  specs = [(n, lr, s) for n in table_order(FLAGS.networks) for lr in rates
+           for s in seeds]
+  config = make_config(specs[0][0], rates[0], seeds[0])
+  common.enable_compilation_cache(FLAGS.compilation_cache)
+  begin = time.time()
+  try:
+    data = datasets.load(config.dataset)
+    runs = sweep(specs, root)
+  except stopping.Interrupted as e:
+    print(f'interrupted: {e}', file=sys.stderr)
+    sys.exit(130)
+  except UserError as e:  # E.g. CIFAR-10 with neither archive nor network.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if not runs:
+    print('no finished run to report', file=sys.stderr)
+    sys.exit(1)
+  chance = 1 / data.num_classes
+  selection = select(runs, rates, chance, FLAGS.chance_margin)
+  trained = [r['seconds'] for r in runs if r['seconds'] is not None]
+  steps = next((r['rows'][0]['step'] for r in runs if r['rows']), None)
+  train_images = len(data.train.labels)
+  validation = getattr(data, 'validation', None)
+  if validation is not None:  # The library may return the split apart.
+    train_images += len(validation.labels)
+  epochs = config.num_epochs
+  decays = [b for b in config.lr_boundaries if b < epochs]
+  setup = {
+      'date': common.today(),
+      'machine': common.machine(),
+      'data': (f'{FLAGS.dataset}'
+               + (f' classes {FLAGS.classes}' if FLAGS.classes else '')
+               + f': {train_images} training images, of which '
+               f'{validation_size()} are held out as the validation split '
+               '(stratified by class, the same for every seed, never trained '
+               f'on); {len(data.test.labels)} test images; '
+               f'{data.num_classes} classes (chance {100 * chance:.0f}%)'),
+      'networks': ', '.join(label(n) for n in selection),
+      'width': f"{FLAGS.width:g} x the paper's 96/192 channels",
+      'budget': (f'{epochs} epochs per run ({steps} steps of '
+                 f'{config.batch_size}), {len(specs)} runs'
+                 + (f' ({len(runs)} finished)' if len(runs) < len(specs)
+                    else '')),
+      'protocol': (
+          "configs/paper.py:<network>, the paper's: GCN (scale "
+          f'{config.preprocess.gcn_scale:g}) + ZCA (filter bias '
+          f'{config.preprocess.zca_filter_bias:g}) fitted on the training '
+          'images outside the validation split, no augmentation, the '
+          f"paper's dropout, SGD momentum {config.momentum:g}, weight decay "
+          f'{config.weight_decay:g}, batch {config.batch_size}, lr '
+          f'x{config.lr_decay:g} at epochs {tuple(config.lr_boundaries)}'
+          + ('' if decays == list(config.lr_boundaries) else
+             f' (of which {len(decays)} fall within {epochs} epochs)')
+          + f', {config.init} initialization; changed for this budget: '
+          'dataset, width, epochs, validation size only'),
+      'learning rates': ', '.join(f'{lr:g}' for lr in rates),
+      'seeds': ', '.join(str(s) for s in seeds),
+      'selection': ('per network, the rate with the highest mean final '
+                    'validation accuracy over seeds; the test split is only '
+                    'reported'),
+      'wall time': (f'{sum(trained) / 60:.0f} min of training over '
+                    f'{len(trained)} runs (each run timed by this runner); '
+                    f'this invocation {(time.time() - begin) / 60:.0f} min'),
+      'runs': os.path.relpath(root, common.ROOT),
+  }
+  on = 'CIFAR-10' if FLAGS.dataset == 'cifar10' else FLAGS.dataset
+  title = (f"Table 3 (the paper's protocol) on {on}: width {FLAGS.width:g}, "
+           f'{epochs} epochs, {len(seeds)} seeds')
+  plot(runs, selection, chance, os.path.join(out, 'table3.png'), title)
+  write_gitignore(out)
+  common.write_results(
+      out, title=title, script='table3.py', setup=setup,
+      command_line=common.command('table3.py'),
+      tables=tables(selection, chance, FLAGS.chance_margin, FLAGS.dataset),
+      images=['table3.png'],
+      data=dict(selection={n: dict(s, grid={f'{lr:g}': c for lr, c in
+                                            s['grid'].items()})
+                           for n, s in selection.items()},
+                runs=runs))
+  print(f'wrote {out}/table3.png, results.md, results.json')
+
+
+if __name__ == '__main__':
+  app.run(main)
