@@ -107,7 +107,8 @@ def defaults() -> ml_collections.ConfigDict:
 
   # Preprocessing, fitted on the training split and stored in the workdir.
   config.preprocess = ml_collections.ConfigDict()
-  # Per-channel standardization (zero mean, unit variance).
+  # Per-channel standardization (zero mean, unit variance). With neither it
+  # nor gcn_zca, pixels are scaled to [0, 1].
   config.preprocess.standardize = True
   # Global contrast normalization + ZCA whitening, as in the paper (pylearn2's
   # pipeline of Goodfellow et al.'s maxout networks), fitted on the training
@@ -135,6 +136,18 @@ def defaults() -> ml_collections.ConfigDict:
   config.batch_size = 128
   config.eval_batch_size = 500
   config.num_epochs = 350
+  # Train this many steps instead of num_epochs epochs (0: num_epochs epochs).
+  # Schedule boundaries still count epochs of the training split.
+  config.num_train_steps = 0
+  # Train steps per dispatch (one jitted call runs them from the training
+  # split kept on the device), cut short at evaluations and checkpoints;
+  # signals are handled between calls. 0: 1 on a CPU, where a call costs
+  # little beside a step, and 100 on an accelerator, where it would decide
+  # the speed.
+  config.steps_per_dispatch = 0
+  # Evaluate (and checkpoint, and select) every this many steps instead of at
+  # the end of every epoch (0: every epoch), and at the last step.
+  config.eval_every_steps = 0
   # sgd, adam or rmsprop.
   config.optimizer = 'sgd'
   config.learning_rate = 0.01
@@ -183,6 +196,21 @@ def defaults() -> ml_collections.ConfigDict:
   # Test images per unit: those on which its mean activation is highest.
   config.visualize.num_images = 4
 
+  # --mode=predict (see allconv_jax/predict.py): class probabilities of the
+  # selected checkpoint for your own images, one JSON line per image and
+  # <workdir>/predictions.csv. The names, classes and preprocessing are the
+  # run's own (its config.json and preprocess.npz), whatever this config says.
+  config.predict = ml_collections.ConfigDict()
+  # A PNG/JPEG (or any format Pillow reads) file, a folder (its files, not
+  # its subfolders) or a glob such as 'photos/*.jpg'. Each image is read with
+  # Pillow, turned upright by its EXIF orientation, converted to RGB
+  # (grayscale replicated, alpha dropped) and resized, stretched to 32x32
+  # without cropping, with Image.BILINEAR, which Pillow antialiases when
+  # shrinking. Files that are not images are skipped with a warning.
+  config.predict.images = config_dict.placeholder(str)
+  # Classes reported per image, best first (at most the number of classes).
+  config.predict.top_k = 3
+
   # Several processes (hosts). Single-process runs leave this alone; every
   # local device is used either way. Unset fields are detected by JAX in
   # SLURM, Open MPI and Cloud TPU environments.
@@ -218,16 +246,22 @@ def paper(network: str = 'all_cnn_c') -> ml_collections.ConfigDict:
   return config
 
 
+def load_module(path: str):
+  """A config file as a module, for its constants (e.g. a sweep's rates)."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load(path: str) -> ml_collections.ConfigDict:
   """Loads a config file as ``--config`` does: ``'configs/paper.py:model_a'``.
 
   The text after the colon, if any, is passed to the file's ``get_config``.
   """
   path, _, arg = path.partition(':')
-  spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_module(path)
   return module.get_config(arg) if arg else module.get_config()
 
 
@@ -279,13 +313,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f'must be a fraction of the side in [0, 0.5), got {config.augment.translate!r}')
   need(config.num_classes is None or config.num_classes > 0, 'num_classes',
        f'must be positive or None (from the data), got {config.num_classes!r}')
-  need(config.checkpoint_every_steps >= 0, 'checkpoint_every_steps',
-       f'must be 0 (each epoch only) or positive, got {config.checkpoint_every_steps!r}')
+  for field, zero in (('checkpoint_every_steps', 'each evaluation only'),
+                      ('num_train_steps', 'num_epochs epochs'),
+                      ('eval_every_steps', 'every epoch'),
+                      ('steps_per_dispatch', '1 on a CPU, 100 elsewhere')):
+    value = config[field]
+    need(isinstance(value, int) and value >= 0, field,
+         f'must be 0 ({zero}) or a positive integer, got {value!r}')
   if config.init == 'lsuv':
     sharding.check_batch_size(config.lsuv.batch_size, 'lsuv.batch_size')
     need(config.lsuv.tol > 0, 'lsuv.tol', f'must be positive, got {config.lsuv.tol!r}')
     need(config.lsuv.measure in lsuv.MEASURES, 'lsuv.measure',
          f"unknown {config.lsuv.measure!r}; allowed: {', '.join(lsuv.MEASURES)}")
+    iters = config.lsuv.max_iters
+    need(isinstance(iters, int) and iters >= 0, 'lsuv.max_iters',
+         f'must be a non-negative integer, got {iters!r}')
+  labels = ('fine', 'coarse') if config.dataset.name == 'cifar100' else ('fine',)
+  label = config.dataset.label
+  need(label in labels, 'dataset.label',
+       f"{label!r} is {'only for cifar100' if label == 'coarse' else 'unknown'}; "
+       f"allowed: {', '.join(labels)}")
   size = config.dataset.validation_size
   need(isinstance(size, int) and size >= 0, 'dataset.validation_size',
        f'must be 0 (no validation split) or a positive integer, got {size!r}')
@@ -295,3 +342,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f'must be positive, got {config.preprocess.zca_filter_bias!r}')
   need(config.checkpoint_keep >= 1, 'checkpoint_keep',
        f'must be at least 1, got {config.checkpoint_keep!r}')
+  top_k = config.predict.top_k
+  need(isinstance(top_k, int) and top_k >= 1, 'predict.top_k',
+       f'must be a positive integer, got {top_k!r}')

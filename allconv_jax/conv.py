@@ -22,13 +22,17 @@ three passes.
   or a kernel narrower than its stride) as ``subpixel``.
 * ``auto``: ``onednn`` on CPU where it can be built, else ``subpixel``;
   ``native`` on GPU and TPU, whose convolution libraries are their own.
+
+`conv_general_dilated` turns one into the function a network is given
+(`allconv_jax.models.AllConvNet.conv`). Resolving ``onednn``, or ``auto`` on
+CPU, builds the oneDNN extension on first use; nothing else here does.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from absl import logging
 import jax
@@ -46,9 +50,20 @@ _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
 def resolve(impl: str) -> str:
   """Returns the implementation `impl` stands for on the default backend.
 
+  Args:
+    impl: one of `IMPLS`.
+
+  Returns:
+    ``'native'``, ``'subpixel'`` or ``'onednn'``.
+
   Raises:
+    ValueError: for an `impl` not in `IMPLS`.
     UserError: for ``'onednn'`` where it cannot be built, with the reason.
   """
+  if impl not in IMPLS:
+    # Not a UserError: config.validate has checked config.conv_impl already.
+    raise ValueError(f"conv_impl: unknown implementation {impl!r}; "
+                     f"allowed: {', '.join(IMPLS)}")
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'native'
@@ -58,6 +73,7 @@ def resolve(impl: str) -> str:
     _warn_once(f'conv_impl auto: using XLA\'s convolutions; {reason}')
     return 'subpixel'
   if impl == 'onednn' and (reason := onednn.unavailable_reason()):
+    # A UserError: config.validate cannot know what this machine can build.
     raise UserError(f"conv_impl: 'onednn' is not available here ({reason}); "
                     "allowed: auto, native, subpixel")
   return impl
@@ -68,11 +84,18 @@ def _warn_once(message: str):
   logging.warning(message)
 
 
-def conv_general_dilated(impl: str):
+def conv_general_dilated(impl: str) -> Callable[..., jax.Array]:
   """Returns a drop-in `lax.conv_general_dilated` for `flax.linen.Conv`.
+
+  The same function for the same implementation, so that modules given it
+  compare equal and jitted functions of them are not traced again.
 
   Args:
     impl: one of `IMPLS`.
+
+  Raises:
+    ValueError: for an `impl` not in `IMPLS`.
+    UserError: for ``'onednn'`` where it cannot be built, with the reason.
   """
   return {'native': lax.conv_general_dilated, 'subpixel': _subpixel_conv,
           'onednn': _onednn_conv}[resolve(impl)]

@@ -1,8 +1,11 @@
 """Loads a whole dataset into memory as uint8 NHWC images and int32 labels.
 
-CIFAR-10/100 go through the real tensorflow-datasets builders; ``digits`` is
-scikit-learn's bundled 8x8 digits set, upsampled to 32x32 RGB so that it can
-stand in for CIFAR on a machine with neither network nor the CIFAR archives.
+CIFAR-10/100 are prepared once by the real tensorflow-datasets builders, from
+the official archive or a download, and kept as arrays beside them
+(``<data_dir>/allconv_jax/<name>.npz``): later runs read those and import
+neither TensorFlow nor tfds. ``digits`` is scikit-learn's bundled 8x8 digits
+set, upsampled to 32x32 RGB so that it can stand in for CIFAR on a machine
+with neither network nor the CIFAR archives.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import urllib.request
 
 import numpy as np
 
+from allconv_jax import files
 from allconv_jax.errors import UserError
 
 NAMES = ('cifar10', 'cifar100', 'digits')
@@ -41,6 +45,43 @@ SUBSETS = {
     # Offline stand-ins: pretrain on one half of the digits, transfer to the other.
     ('digits', 'subset1'): ('0', '1', '2', '3', '4'),
     ('digits', 'subset2'): ('5', '6', '7', '8', '9'),
+}
+
+
+# Every class name of each dataset in label order, as the prepared data holds
+# them: the official archives' batches.meta.txt, fine_label_names.txt and
+# coarse_label_names.txt, which tfds reads into its ClassLabel features.
+# Constants, so that a trained run's names are known without loading its data
+# (`class_names`).
+_CLASS_NAMES = {
+    ('cifar10', 'fine'): (
+        'airplane', 'automobile', 'bird', 'cat', 'deer',
+        'dog', 'frog', 'horse', 'ship', 'truck'),
+    ('cifar100', 'fine'): (
+        'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee',
+        'beetle', 'bicycle', 'bottle', 'bowl', 'boy', 'bridge', 'bus',
+        'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair',
+        'chimpanzee', 'clock', 'cloud', 'cockroach', 'couch', 'crab',
+        'crocodile', 'cup', 'dinosaur', 'dolphin', 'elephant', 'flatfish',
+        'forest', 'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard',
+        'lamp', 'lawn_mower', 'leopard', 'lion', 'lizard', 'lobster', 'man',
+        'maple_tree', 'motorcycle', 'mountain', 'mouse', 'mushroom', 'oak_tree',
+        'orange', 'orchid', 'otter', 'palm_tree', 'pear', 'pickup_truck',
+        'pine_tree', 'plain', 'plate', 'poppy', 'porcupine', 'possum', 'rabbit',
+        'raccoon', 'ray', 'road', 'rocket', 'rose', 'sea', 'seal', 'shark',
+        'shrew', 'skunk', 'skyscraper', 'snail', 'snake', 'spider', 'squirrel',
+        'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank', 'telephone',
+        'television', 'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle',
+        'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman', 'worm'),
+    ('cifar100', 'coarse'): (
+        'aquatic_mammals', 'fish', 'flowers', 'food_containers',
+        'fruit_and_vegetables', 'household_electrical_devices',
+        'household_furniture', 'insects', 'large_carnivores',
+        'large_man-made_outdoor_things', 'large_natural_outdoor_scenes',
+        'large_omnivores_and_herbivores', 'medium_mammals',
+        'non-insect_invertebrates', 'people', 'reptiles', 'small_mammals',
+        'trees', 'vehicles_1', 'vehicles_2'),
+    ('digits', 'fine'): tuple(str(i) for i in range(10)),
 }
 
 
@@ -82,21 +123,21 @@ def load(config) -> Dataset:
     validation split (see `split_validation`).
 
   Raises:
-    UserError: For an unknown name, label or class, a missing or non-official
-      archive, or CIFAR data that is neither prepared nor downloadable.
+    ValueError: For an unknown name, which `config.validate` rules out.
+    UserError: For an unknown label or class, a `validation_size` that does
+      not fit the data, a missing or non-official archive, or CIFAR data
+      that is neither prepared nor downloadable.
   """
   name = config.name
   if name not in NAMES:
-    raise UserError(
+    # Not a UserError: config.validate has checked dataset.name already.
+    raise ValueError(
         f'dataset.name: unknown dataset {name!r}; allowed: {", ".join(NAMES)}'
     )
   label = config.get('label') or 'fine'
-  allowed_labels = ('fine', 'coarse') if name == 'cifar100' else ('fine',)
-  if label not in allowed_labels:
-    only = ' is only for cifar100' if label == 'coarse' else ' is unknown'
-    raise UserError(
-        f'dataset.label: {label!r}{only}; allowed: {", ".join(allowed_labels)}'
-    )
+  if label not in (('fine', 'coarse') if name == 'cifar100' else ('fine',)):
+    # Not a UserError: config.validate has checked dataset.label already.
+    raise ValueError(f'dataset.label: {label!r} does not fit {name}')
   if name == 'digits':
     train, test, class_names = _load_digits()
   else:
@@ -109,6 +150,27 @@ def load(config) -> Dataset:
     train, validation = split_validation(data.train, size)
     data = dataclasses.replace(data, train=train, validation=validation)
   return data
+
+
+def class_names(config) -> tuple[str, ...]:
+  """The class names of a `dataset` sub-config, without loading any data.
+
+  The names `load` would give (``Dataset.class_names``): after subsetting by
+  ``config.classes``, in the new label order, e.g. of a trained run's
+  ``config.json`` to name its outputs.
+
+  Raises:
+    ValueError: For an unknown name or label, which `config.validate` rules
+      out.
+    UserError: For an unknown class, as `load`.
+  """
+  key = (config.name, config.get('label') or 'fine')
+  if key not in _CLASS_NAMES:
+    raise ValueError(f'dataset: no classes for {key[0]!r} with label {key[1]!r}')
+  # The subsetting of `load` itself, on splits without images.
+  empty = Split(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int32))
+  return _subset(config.name, empty, empty, _CLASS_NAMES[key],
+                 config.get('classes')).class_names
 
 
 def split_validation(split: Split, size: int) -> tuple[Split, Split]:
@@ -163,6 +225,29 @@ def _load_digits() -> tuple[Split, Split, tuple[str, ...]]:
 def _load_cifar(
     name: str, data_dir: str | None, archive: str | None, label: str
 ) -> tuple[Split, Split, tuple[str, ...]]:
+  """The arrays kept beside tfds' data, prepared first if there are none."""
+  if archive and not os.path.isfile(archive):
+    raise UserError(f'dataset.archive: no such file: {archive}')
+  data_dir = data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
+      '~/tensorflow_datasets')  # tfds' own default.
+  cache = os.path.join(data_dir, 'allconv_jax', f'{name}.npz')
+  if not os.path.exists(cache):
+    arrays = _prepare_cifar(name, data_dir, archive)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    files.atomic_write(cache, lambda tmp: np.savez(tmp, **arrays))
+  feature = 'coarse_label' if label == 'coarse' else 'label'
+  try:
+    with np.load(cache) as f:
+      return (Split(f['train_image'], f[f'train_{feature}']),
+              Split(f['test_image'], f[f'test_{feature}']),
+              tuple(str(n) for n in f[f'{feature}_names']))
+  except (OSError, KeyError, ValueError) as e:
+    raise UserError(f'dataset.data_dir: cannot read {cache} '
+                    f'({type(e).__name__}); delete it to prepare it again') from None
+
+
+def _prepare_cifar(name: str, data_dir: str, archive: str | None) -> dict:
+  """Prepares CIFAR with tfds; returns every split and label as arrays."""
   # Imported here because importing TensorFlow takes seconds.
   import requests
   import tensorflow_datasets as tfds
@@ -170,9 +255,6 @@ def _load_cifar(
 
   url = _CIFAR_URLS[name]
   archive_name = os.path.basename(url)
-  if archive and not os.path.isfile(archive):
-    raise UserError(f'dataset.archive: no such file: {archive}')
-
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     if not archive and not _reachable(url):
@@ -203,15 +285,15 @@ def _load_cifar(
       except requests.RequestException as e:
         raise _not_downloadable(name, builder.data_dir, archive_name) from e
 
-  feature = 'coarse_label' if label == 'coarse' else 'label'
-  splits = []
+  features = ('label', 'coarse_label') if name == 'cifar100' else ('label',)
+  arrays = {f'{feature}_names': np.array(builder.info.features[feature].names)
+            for feature in features}
   for split in ('train', 'test'):
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    splits.append(
-        Split(data['image'].astype(np.uint8), data[feature].astype(np.int32))
-    )
-  class_names = tuple(builder.info.features[feature].names)
-  return splits[0], splits[1], class_names
+    arrays[f'{split}_image'] = data['image'].astype(np.uint8)
+    arrays.update({f'{split}_{feature}': data[feature].astype(np.int32)
+                   for feature in features})
+  return arrays
 
 
 def _reachable(url: str) -> bool:

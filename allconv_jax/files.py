@@ -10,8 +10,12 @@ Layout of ``<workdir>/``:
   metrics.csv, curves.png      one row / point per epoch
   summary.json                 what the run reports, once it is complete
   lsuv_report.json             what LSUV did (init='lsuv')
+  confusion.csv, .json, .png   confusion matrix and per-class accuracy
+                               (written by --mode=eval)
   events.out.tfevents.*        TensorBoard scalars
   visualizations/              written by --mode=visualize
+  predictions.csv              written by --mode=predict
+  export/model.jax, model.json written by --mode=export
   .lock                        held by the process training in it
 
 Every file is written under a temporary name and renamed into place, so a
@@ -36,7 +40,15 @@ METRICS = 'metrics.csv'
 CURVES = 'curves.png'
 SUMMARY = 'summary.json'
 LSUV_REPORT = 'lsuv_report.json'
+# The confusion matrix of a split, with per-class accuracy (`confusion`).
+CONFUSION_CSV = 'confusion.csv'
+CONFUSION_JSON = 'confusion.json'
+CONFUSION_PNG = 'confusion.png'
 VISUALIZATIONS = 'visualizations'
+PREDICTIONS = 'predictions.csv'
+EXPORT = 'export'
+EXPORT_MODEL = 'model.jax'  # In EXPORT: the serialized jax.export.Exported.
+EXPORT_INFO = 'model.json'  # In EXPORT: how to call it.
 LOCK = '.lock'
 
 

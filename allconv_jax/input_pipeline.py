@@ -71,6 +71,8 @@ class Preprocessor:
       zca = zca.astype(np.float32)
     pre = cls(zca, zca_mean, gcn_scale, np.zeros(images.shape[-1], np.float32),
               np.ones(images.shape[-1], np.float32))
+    if not (standardize or gcn_zca):  # Pixels in [0, 1], as Keras' 1/255.
+      pre = dataclasses.replace(pre, std=np.full_like(pre.std, 255.0))
     if standardize:
       x = pre(images)
       mean = x.mean(axis=(0, 1, 2), dtype=np.float64)
@@ -153,6 +155,7 @@ class TrainBatches:
   """
 
   def __init__(self, num_examples: int, batch_size: int, seed: int):
+    # A UserError: config.validate cannot know the size of the training split.
     if batch_size > num_examples:
       raise UserError(f'batch_size: {batch_size} is larger than the '
                       f'{num_examples} training examples')
@@ -169,6 +172,16 @@ class TrainBatches:
       rng = np.random.default_rng([self.seed, epoch])
       self._epoch, self._perm = epoch, rng.permutation(self.num_examples)
     return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+  def chunk(self, start: int, stop: int, length: int) -> np.ndarray:
+    """The batches of steps start..stop-1 as the columns of (batch, length).
+
+    Columns past ``stop - start`` are zeros: steps a call does not run.
+    """
+    out = np.zeros((self.batch_size, length), np.int32)
+    for column, step in enumerate(range(start, stop)):
+      out[:, column] = self.indices(step)
+    return out
 
 
 def eval_batches(num_examples: int, batch_size: int):

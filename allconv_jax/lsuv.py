@@ -11,8 +11,7 @@ LSUV is a data-driven initialization in two steps:
    ``max_iters`` rescalings have been done. Biases are left as they are.
 
     variables, report = lsuv_init(model, variables, images)
-    print(report.table())
-    report.save(os.path.join(workdir, 'lsuv_report.json'))
+    print(report.table())  # See allconv_jax/lsuv_report.py.
 
 How it is computed. Convolution is linear in its kernel, so with the kernel
 scaled by ``s`` a layer's output is ``s * (out - b) + b``, where ``out`` is
@@ -52,9 +51,7 @@ batch: the forward pass is jitted over the global array.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
 from typing import Any, Mapping, NamedTuple
 
@@ -64,11 +61,9 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from allconv_jax import files, orthonormal
-from allconv_jax.errors import UserError
+from allconv_jax import lsuv_report, orthonormal
 
 MEASURES = ('pre_activation', 'post_activation')
 
@@ -79,90 +74,6 @@ MIN_ELEMENTS = 32
 # Below this a variance counts as zero: dividing the kernel by its square
 # root would overflow float32 or blow up rounding noise.
 _ZERO_VARIANCE = 1e-12
-
-_OK, _FEW_ELEMENTS, _ZERO, _NON_FINITE = 0, 1, 2, 3
-_SKIP_REASONS = {
-    _FEW_ELEMENTS: f'fewer than {MIN_ELEMENTS} elements per example',
-    _ZERO: 'zero variance',
-    _NON_FINITE: 'non-finite variance',
-}
-
-
-# ----------------------------------------------------------------- report
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerReport:
-  """What LSUV did to one convolution.
-
-  Attributes:
-    name: the layer's path in the parameters, e.g. ``'conv3'``.
-    elements_per_example: output elements per example (H * W * C).
-    variance_before: output variance with the orthonormal kernel, before
-      any rescaling (earlier layers already rescaled).
-    variance_after: output variance with the final kernel.
-    iterations: rescalings done (0 for a skipped layer).
-    scale: factor the orthonormal kernel was multiplied by (1 if skipped).
-    skipped: True if the layer was left orthonormal and unscaled.
-    reason: why it was skipped, or ``'not converged'`` when `max_iters` ran
-      out before the variance came within `tol` of 1; empty otherwise.
-  """
-  name: str
-  elements_per_example: int
-  variance_before: float
-  variance_after: float
-  iterations: int
-  scale: float
-  skipped: bool
-  reason: str = ''
-
-
-@dataclasses.dataclass(frozen=True)
-class Report:
-  """The per-layer outcome of `lsuv_init`, in input-to-output order."""
-  layers: tuple[LayerReport, ...]
-  measure: str
-  tol: float
-  max_iters: int
-  batch_size: int
-
-  def table(self) -> str:
-    """Formats the report as a fixed-width text table for logs."""
-    skipped = sum(layer.skipped for layer in self.layers)
-    lines = [f'LSUV ({self.measure}, tol {self.tol:g}, max_iters '
-             f'{self.max_iters}, batch {self.batch_size}): '
-             f'{len(self.layers)} layers, {skipped} skipped']
-    width = max([len('layer')] + [len(layer.name) for layer in self.layers])
-    lines.append(f"{'layer':<{width}}  {'elements':>8}  {'var before':>10}  "
-                 f"{'var after':>10}  {'iters':>5}  {'scale':>9}  status")
-    for layer in self.layers:
-      status = f'skipped: {layer.reason}' if layer.skipped else (
-          layer.reason or 'ok')
-      lines.append(
-          f'{layer.name:<{width}}  {layer.elements_per_example:>8}  '
-          f'{layer.variance_before:>10.4g}  {layer.variance_after:>10.4g}  '
-          f'{layer.iterations:>5}  {layer.scale:>9.4g}  {status}')
-    return '\n'.join(lines)
-
-  __str__ = table
-
-  def to_dict(self) -> dict:
-    """A JSON-serializable dict; non-finite numbers become None."""
-    def clean(value):
-      if isinstance(value, float) and not math.isfinite(value):
-        return None
-      return value
-    layers = [{k: clean(v) for k, v in dataclasses.asdict(layer).items()}
-              for layer in self.layers]
-    return dict(measure=self.measure, tol=self.tol, max_iters=self.max_iters,
-                batch_size=self.batch_size, layers=layers)
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2)
-
-  def save(self, path: str) -> None:
-    """Writes `to_json()` to `path` atomically."""
-    files.write_text(path, self.to_json() + '\n')
 
 
 # ----------------------------------------------------------------- helpers
@@ -338,36 +249,40 @@ def _lsuv_pass(variables, batch, tol, max_iters, *, model, layers, measure):
   return traverse_util.unflatten_dict(flat), stats
 
 
-def _status(layer: _Layer, before: float, kernel_part: float) -> int:
-  """Why a layer was skipped (as `_rescale` decided), or _OK."""
+def _skip_reason(layer: _Layer, stats: Mapping[str, Any]) -> str:
+  """Why `_rescale` left a layer unscaled, or ''; its loop cannot say why."""
   if layer.elements < MIN_ELEMENTS:
-    return _FEW_ELEMENTS
-  if not math.isfinite(before):
-    return _NON_FINITE
-  if not kernel_part > _ZERO_VARIANCE:
-    return _ZERO
-  return _OK
+    return f'fewer than {MIN_ELEMENTS} elements per example'
+  if not math.isfinite(float(stats['before'])):
+    return 'non-finite variance'
+  if not float(stats['kernel_part']) > _ZERO_VARIANCE:
+    return 'zero variance'
+  return ''
 
 
 def _prepare(model, variables, batch, measure):
-  """Checks the arguments; returns the measurement model and its convs."""
+  """Checks the arguments; returns them as the compiled passes take them."""
+  if not isinstance(batch, jax.Array):
+    batch = np.asarray(batch)
+  # Programming errors: config.validate checks lsuv.measure, and the batch
+  # and model come from the library (every network in models.NAMES has convs).
   if measure not in MEASURES:
-    raise UserError(f"measure: unknown measure {measure!r}; allowed: "
-                    f"{', '.join(MEASURES)}")
+    raise ValueError(f"measure: unknown measure {measure!r}; allowed: "
+                     f"{', '.join(MEASURES)}")
   if not isinstance(variables, Mapping) or 'params' not in variables:
     raise TypeError('variables must be the dict model.init returns, with a '
                     "'params' entry (and 'batch_stats' with batch norm)")
   if batch.ndim != 4:
-    raise UserError(f'batch: expected NHWC images, got shape {batch.shape}')
+    raise ValueError(f'batch: expected NHWC images, got shape {batch.shape}')
   if not jnp.issubdtype(batch.dtype, jnp.floating):
-    raise UserError(f'batch: expected preprocessed float images (see '
-                    f'input_pipeline.Preprocessor), got {batch.dtype}')
+    raise ValueError(f'batch: expected preprocessed float images (see '
+                     f'input_pipeline.Preprocessor), got {batch.dtype}')
   model = _measurement_model(model)
   layers = _conv_layers(model, tuple(batch.shape[1:]), jnp.dtype(batch.dtype))
   if not layers:
-    raise UserError(f'model: {type(model).__name__} has no nn.Conv layers '
-                    'to initialize')
-  return model, layers
+    raise ValueError(f'model: {type(model).__name__} has no nn.Conv layers '
+                     'to initialize')
+  return model, layers, batch, _colocate(_without_empty(variables), batch)
 
 
 def _without_empty(variables: Mapping) -> dict:
@@ -390,7 +305,8 @@ def _colocate(variables, batch):
 
 def lsuv_init(model: nn.Module, variables: Mapping[str, Any], batch, *,
               tol: float = 0.1, max_iters: int = 10,
-              measure: str = 'pre_activation') -> tuple[dict, Report]:
+              measure: str = 'pre_activation'
+              ) -> tuple[dict, lsuv_report.Report]:
   """LSUV-initializes every convolution of a network; a pure function.
 
   Args:
@@ -411,48 +327,29 @@ def lsuv_init(model: nn.Module, variables: Mapping[str, Any], batch, *,
   Returns:
     ``(variables, report)``: a new variables dict of the same structure with
     every conv kernel replaced (same shapes; biases and ``batch_stats``
-    unchanged) and a `Report` of what happened to each layer. Skipped layers
-    and layers that did not converge are also logged as warnings.
+    unchanged) and a `lsuv_report.Report` of what happened to each layer.
+    Skipped layers and layers that did not converge are also logged as
+    warnings.
 
   Raises:
-    UserError: for an unknown `measure`, a non-positive `tol`, a negative
-      `max_iters`, or a batch that is not float NHWC images.
+    ValueError: for an unknown `measure`, a non-positive `tol` or a negative
+      `max_iters` (all checked in `config.validate` first), a batch that is
+      not float NHWC images, or a model without convolutions.
   """
   if not tol > 0:
-    raise UserError(f'tol: must be positive, got {tol!r}')
+    raise ValueError(f'tol: must be positive, got {tol!r}')
   if not (isinstance(max_iters, (int, np.integer)) and max_iters >= 0):
-    raise UserError(
+    raise ValueError(
         f'max_iters: must be a non-negative integer, got {max_iters!r}')
-  if not isinstance(batch, jax.Array):
-    batch = np.asarray(batch)
-  measure_model, layers = _prepare(model, variables, batch, measure)
-  inputs = _colocate(_without_empty(variables), batch)
+  net, layers, batch, inputs = _prepare(model, variables, batch, measure)
   params, stats = _lsuv_pass(inputs, batch, jnp.float32(tol),
-                             jnp.int32(max_iters), model=measure_model,
+                             jnp.int32(max_iters), model=net,
                              layers=layers, measure=measure)
   stats = jax.device_get(stats)
-
-  reports = []
-  for layer in layers:
-    s = stats[layer.name]
-    status = _status(layer, float(s['before']), float(s['kernel_part']))
-    after = float(s['after'])
-    skipped = status != _OK
-    reason = _SKIP_REASONS.get(status, '')
-    if skipped:
-      logging.warning('LSUV: skipping %s (%s); its kernel stays orthonormal',
-                      layer.name, reason)
-    elif not abs(after - 1) < tol:
-      reason = 'not converged'
-      logging.warning('LSUV: %s has variance %.4g after %d iterations '
-                      '(tol %g)', layer.name, after, int(s['iterations']), tol)
-    reports.append(LayerReport(
-        name=layer.name, elements_per_example=layer.elements,
-        variance_before=float(s['before']), variance_after=after,
-        iterations=int(s['iterations']), scale=float(s['scale']),
-        skipped=skipped, reason=reason))
-  report = Report(layers=tuple(reports), measure=measure, tol=float(tol),
-                  max_iters=int(max_iters), batch_size=int(batch.shape[0]))
+  report = lsuv_report.build(
+      [(layer.name, layer.elements, _skip_reason(layer, stats[layer.name]))
+       for layer in layers], stats, measure=measure, tol=tol,
+      max_iters=max_iters, batch_size=batch.shape[0])
 
   out = dict(variables, params=params)
   if isinstance(variables, flax.core.FrozenDict):
@@ -490,10 +387,7 @@ def layer_variances(model: nn.Module, variables: Mapping[str, Any], batch, *,
   Returns:
     ``{layer name: variance}``.
   """
-  if not isinstance(batch, jax.Array):
-    batch = np.asarray(batch)
-  measure_model, layers = _prepare(model, variables, batch, measure)
-  variances = _variances_pass(_colocate(_without_empty(variables), batch),
-                              batch, model=measure_model, layers=layers,
+  net, layers, batch, inputs = _prepare(model, variables, batch, measure)
+  variances = _variances_pass(inputs, batch, model=net, layers=layers,
                               measure=measure)
   return {name: float(v) for name, v in jax.device_get(variances).items()}

@@ -1,8 +1,11 @@
-"""Command-line entry point.
+"""Command-line entry point (the console script ``allconv``).
 
-  python -m allconv_jax.main --config=configs/digits.py --workdir=workdirs/digits
-  python -m allconv_jax.main --config=configs/digits.py --workdir=workdirs/digits --mode=eval
-  python -m allconv_jax.main --config=configs/digits.py --workdir=workdirs/digits --mode=visualize
+  allconv --config=configs/digits.py --workdir=workdirs/digits
+  allconv --config=configs/digits.py --workdir=workdirs/digits --mode=eval
+  allconv --config=configs/digits.py --workdir=workdirs/digits --mode=visualize
+  allconv --config=configs/digits.py --workdir=workdirs/digits --mode=predict \
+      --config.predict.images='photos/*.jpg'
+  allconv --config=configs/digits.py --workdir=workdirs/digits --mode=export
 
 Any config field can be overridden, e.g. ``--config.num_epochs=10``. A
 mistake the user can fix (bad value, missing file, mismatching checkpoint)
@@ -13,72 +16,72 @@ status 2.
 import json
 import logging as std_logging
 import os
-import re
 import sys
 
-# TensorFlow (used by tensorflow-datasets and clu's TensorBoard writer) would
-# otherwise print its C++ start-up banner on every run.
+# TensorFlow (imported only to prepare CIFAR with tensorflow-datasets) would
+# otherwise print its C++ start-up banner.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-from allconv_jax.errors import UserError
+from allconv_jax import errors  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'visualize'],
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'eval', 'visualize', 'predict', 'export'],
                   'train (resumes if the workdir has a checkpoint), eval '
                   '(the selected checkpoint, best by validation or else the '
-                  'final one, on the test split; prints one JSON line) '
-                  'or visualize (guided backprop, deconvnet and saliency maps '
-                  'of the selected checkpoint into <workdir>/visualizations/; '
-                  'prints one JSON line).')
+                  'final one, on the test split), visualize (guided '
+                  'backprop, deconvnet and saliency maps of the selected '
+                  'checkpoint into <workdir>/visualizations/), predict (the '
+                  'selected checkpoint\'s top classes for the images of '
+                  '--config.predict.images, also into '
+                  '<workdir>/predictions.csv; one JSON line per image) or '
+                  'export (the selected checkpoint with its preprocessing as '
+                  'a jax.export artifact in <workdir>/export/). Each other '
+                  'mode prints one JSON line.')
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _quiet_libraries(record: std_logging.LogRecord) -> bool:
-  """Keeps INFO lines of this library and clu (progress, metrics) only."""
-  if record.levelno >= std_logging.WARNING:
-    return True
-  return any(part in record.pathname for part in ('allconv_jax', 'clu'))
+  """Keeps INFO lines of this library only (epochs, progress)."""
+  return (record.levelno >= std_logging.WARNING or
+          'allconv_jax' in record.pathname)
+
+
+def _exit(message: str, status: int) -> None:
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 def main(argv):
   del argv  # parse_flags has checked there is nothing else.
   logging.get_absl_handler().addFilter(_quiet_libraries)
   # Imported here so that --help and flag errors do not pay for JAX start-up.
-  from allconv_jax import sharding, stopping, train, trained  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from allconv_jax import (export, predict, sharding, stopping, train,
+                           trained, visualize)
   try:
     sharding.initialize_distributed(FLAGS.config)
-    if FLAGS.mode == 'train':
-      summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-      logging.info('done: %s', summary)
-      print(json.dumps(summary), flush=True)
-    elif FLAGS.mode == 'eval':
-      print(json.dumps(trained.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)),
-            flush=True)
-    else:
-      from allconv_jax import visualize  # pylint: disable=g-import-not-at-top
-      print(json.dumps(visualize.visualize_checkpoint(FLAGS.config, FLAGS.workdir)),
-            flush=True)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    run = {'train': train.train_and_evaluate,
+           'eval': trained.evaluate_checkpoint,
+           'visualize': visualize.visualize_checkpoint,
+           'predict': predict.predict_images,
+           'export': export.export_checkpoint}[FLAGS.mode]
+    result = run(FLAGS.config, FLAGS.workdir)
+    # A list (predict's, one per image) is printed one JSON line per item.
+    for line in result if isinstance(result, list) else [result]:
+      print(json.dumps(line), flush=True)
+  except errors.UserError as e:
+    _exit(f'error: {e}', 2)
   except stopping.Interrupted as e:
-    print(f'stopped: {e}', file=sys.stderr, flush=True)
-    sys.exit(128 + e.signum)
-  except KeyboardInterrupt:
-    # Ctrl-C before training started: there is nothing to save yet.
-    print('stopped: SIGINT before training started', file=sys.stderr, flush=True)
-    sys.exit(130)
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
+    _exit(f'stopped: {e}', 128 + e.signum)
+  except KeyboardInterrupt:  # Before training started: nothing to save yet.
+    _exit('stopped: SIGINT before training started', 130)
 
 
 def parse_flags(argv):
@@ -86,32 +89,11 @@ def parse_flags(argv):
   try:
     rest = FLAGS(argv)
     FLAGS.config.get('model')  # The file is loaded lazily; load it now.
-  except flags.Error as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    message = lines[0]
-    if message.endswith(':') and len(lines) > 1:  # The cause is on the last line.
-      message += ' ' + lines[-1]
-    # 'flag --config.batch_size=abc: invalid literal ...' names the field first.
-    match = re.match(r'flag --([\w.]+)=(.*?): (.*)$', message)
-    if match:
-      name, value, reason = match.groups()
-      message = f'{name}: invalid value {value!r} ({reason})'
-    _fail(message)
-  except AttributeError as e:
-    # How ml_collections reports an override of a field that does not exist.
-    override = next((a[2:].split('=')[0] for a in argv[1:]
-                     if a.startswith('--config.') and
-                     a.split('=')[0].rsplit('.', 1)[-1] in str(e)),
-                    'config.<field>')
-    _fail(f'{override}: no such config field; the fields are listed in '
-          'configs/default.py')
   except Exception as e:  # pylint: disable=broad-except
-    # A config file that is missing or fails to import.
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    _fail(f'config: cannot load the config file ({lines[-1] if lines else type(e).__name__})')
+    _exit(f'error: {errors.flag_error(e, argv)}', 2)
   if len(rest) > 1:
-    _fail(f'arguments: unexpected {" ".join(rest[1:])!r}; every option is a '
-          '--flag (see --help)')
+    _exit(f'error: arguments: unexpected {" ".join(rest[1:])!r}; every option '
+          'is a --flag (see --help)', 2)
   return rest
 
 

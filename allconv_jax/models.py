@@ -26,11 +26,17 @@ and 16-pixel maps: the same windows as Caffe's pooling, which rounds its
 output size up and so adds a window at the bottom/right edge. The spatial size
 goes 32 -> 16 -> 8 -> 6 as in the paper.
 
-Convolutions are named ``conv1``, ``conv2``, ... in input order and the class
-layer ``classifier``; batch norms, when on, are ``bn1``, ``bn2``, ... after the
-conv of the same number; dropouts ``dropout0`` (input), ``dropout1``, ...
-(``dropout0`` is absent without input dropout). LSUV and transfer learning
-address layers by these names.
+`architecture` names every layer with parameters or a random mask, and
+`AllConvNet` uses those names as given: convolutions ``conv1``, ``conv2``, ...
+in input order and the class layer ``classifier``; batch norms, when on,
+``bn1``, ``bn2``, ... after the conv of the same number; dropouts ``dropout0``
+(input), ``dropout1``, ... (``dropout0`` is absent without input dropout).
+Checkpoints, LSUV and transfer learning address layers by these names.
+
+How convolutions are computed is the caller's choice, passed in as a
+function: `allconv_jax.conv.conv_general_dilated` resolves a config's
+``conv_impl`` to one. This module never picks one itself, so building a
+network never builds the oneDNN extension.
 """
 
 from __future__ import annotations
@@ -41,9 +47,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from allconv_jax import conv
-from allconv_jax.errors import UserError
+from jax import lax
 
 BASES = ('a', 'b', 'c')
 VARIANTS = ('model', 'strided_cnn', 'convpool_cnn', 'all_cnn')
@@ -62,23 +66,31 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # upsampled to it.
 INPUT_SHAPE = (32, 32, 3)
 
+# The name of the class layer, the last convolution.
+CLASSIFIER = 'classifier'
+
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
-  """One convolution of the feature extractor.
+  """One convolution: a hidden layer or the class layer.
 
   Attributes:
+    name: its parameters' name, ``'conv<n>'`` or `CLASSIFIER`.
     features: output channels.
     kernel: side of the square kernel (odd).
     stride: the same along both axes.
     padding: ``'SAME'``, Caffe's kernel//2 zeros on every side, which keeps
       the size at stride 1 and halves an even size at stride 2 as flax's
       'SAME' does, but places the windows as Caffe does; or ``'VALID'``.
+    bn: the name of the batch norm after it in networks with batch norm;
+      None for the class layer, which has none.
   """
+  name: str
   features: int
   kernel: int
   stride: int = 1
   padding: str = 'SAME'
+  bn: str | None = None
 
   @property
   def pads(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -89,21 +101,34 @@ class Conv:
 
 @dataclasses.dataclass(frozen=True)
 class Pool:
-  """A 3x3 stride-2 max-pool."""
+  """A 3x3 stride-2 max-pool (no name: it has no parameters and no mask)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Drop:
-  """Dropout with the given rate."""
+  """Dropout.
+
+  Attributes:
+    name: the name its mask's random stream is drawn under.
+    rate: the fraction dropped.
+    on_input: whether it drops the input's pixels, which
+      `AllConvNet.input_dropout` can switch off alone.
+  """
+  name: str
   rate: float
+  on_input: bool = False
+
+
+Layer = Conv | Pool | Drop
 
 
 # The two convolutions of each stage of the base models, per base.
 _STAGE_KERNELS = {'a': (5,), 'b': (5, 1), 'c': (3, 3)}
 
 
-def architecture(name: str, num_classes: int, width: float = 1.0) -> list[Any]:
-  """Returns the layer list of a network.
+def architecture(name: str, num_classes: int,
+                 width: float = 1.0) -> list[Layer]:
+  """Returns the named layers of a network.
 
   Args:
     name: one of `NAMES`.
@@ -111,44 +136,55 @@ def architecture(name: str, num_classes: int, width: float = 1.0) -> list[Any]:
     width: multiplier on the 96/192 channels (1.0 is the paper's network).
 
   Returns:
-    A list of `Conv`, `Pool` and `Drop` entries from input to class layer;
-    the class layer is the last `Conv`.
+    `Conv`, `Pool` and `Drop` entries from input to class layer; the class
+    layer is the last `Conv`.
+
+  Raises:
+    ValueError: for a name not in `NAMES`.
   """
   if name not in NAMES:
-    raise UserError(f"model: unknown network {name!r}; allowed: {', '.join(NAMES)}")
+    # Not a UserError: config.validate has checked config.model already.
+    raise ValueError(f"model: unknown network {name!r}; allowed: {', '.join(NAMES)}")
   variant, base = name.rsplit('_', 1)
-  layers: list[Any] = [Drop(0.2)]
-  for stage_width in (96, 192):
-    w = max(1, round(stage_width * width))
-    convs = [Conv(w, k) for k in _STAGE_KERNELS[base]]
-    if variant == 'model':
-      layers += convs + [Pool()]
-    elif variant == 'strided_cnn':
-      layers += convs[:-1] + [dataclasses.replace(convs[-1], stride=2)]
-    elif variant == 'convpool_cnn':
-      layers += convs + [Conv(w, 3), Pool()]
-    else:  # all_cnn
-      layers += convs + [Conv(w, 3, stride=2)]
-    layers.append(Drop(0.5))
+  layers: list[Layer] = [Drop('dropout0', 0.2, on_input=True)]
+
+  def add_conv(features: int, kernel: int, stride: int = 1,
+               padding: str = 'SAME'):
+    n = 1 + sum(isinstance(layer, Conv) for layer in layers)
+    layers.append(Conv(f'conv{n}', features, kernel, stride, padding,
+                       bn=f'bn{n}'))
+
+  for stage, paper_width in enumerate((96, 192), start=1):
+    w = max(1, round(paper_width * width))
+    *first, last = _STAGE_KERNELS[base]
+    for kernel in first:
+      add_conv(w, kernel)
+    # Strided-CNN's stage ends in this conv at stride 2 instead of a pool.
+    add_conv(w, last, stride=2 if variant == 'strided_cnn' else 1)
+    if variant == 'convpool_cnn':
+      add_conv(w, 3)
+    if variant in ('model', 'convpool_cnn'):
+      layers.append(Pool())
+    elif variant == 'all_cnn':
+      add_conv(w, 3, stride=2)
+    layers.append(Drop(f'dropout{stage}', 0.5))
   top = max(1, round(192 * width))
-  layers += [Conv(top, 3, padding='VALID'), Conv(top, 1), Conv(num_classes, 1)]
+  add_conv(top, 3, padding='VALID')
+  add_conv(top, 1)
+  layers.append(Conv(CLASSIFIER, num_classes, 1))
   return layers
 
 
-def conv_names(layers: Sequence[Any]) -> list[str]:
-  """The names of the convolutions of `architecture`'s list, in order.
-
-  ``conv1``, ``conv2``, ... and the last one, the class layer, ``classifier``.
-  """
-  count = sum(isinstance(layer, Conv) for layer in layers)
-  return [f'conv{i}' for i in range(1, count)] + ['classifier']
+def conv_names(layers: Sequence[Layer]) -> list[str]:
+  """The names of the convolutions of `architecture`'s list, in order."""
+  return [layer.name for layer in layers if isinstance(layer, Conv)]
 
 
 class AllConvNet(nn.Module):
   """Any of the twelve networks, as a flat sequence of named layers.
 
   Attributes:
-    layers: the output of `architecture`.
+    layers: the output of `architecture`, whose names the layers take.
     dropout: whether to apply the dropout layers in training.
     input_dropout: whether that includes the 20% dropout of the input (with
       it off, only the 50% dropouts after the pools or their replacements).
@@ -158,12 +194,14 @@ class AllConvNet(nn.Module):
     kernel_init: initializer of the conv kernels (biases start at zero).
     bn_axis_name: mesh axis over which batch-norm statistics are averaged
       when the model runs inside `shard_map`; None outside it.
-    conv_impl: how convolutions are computed, one of `conv.IMPLS`.
+    conv: computes every convolution, a drop-in `lax.conv_general_dilated`
+      (XLA's own by default); `allconv_jax.conv.conv_general_dilated` turns
+      a ``conv_impl`` into one.
     activation: the ReLU; `allconv_jax.visualize` swaps in ReLUs with other
       backward passes. Each layer's output after it is sown into the
       ``intermediates`` collection as ``'<layer>_activation'``.
   """
-  layers: Sequence[Any]
+  layers: Sequence[Layer]
   dropout: bool = True
   input_dropout: bool = True
   batch_norm: bool = False
@@ -171,36 +209,28 @@ class AllConvNet(nn.Module):
   dtype: Any = jnp.float32
   kernel_init: Any = INITIALIZERS['he_uniform']
   bn_axis_name: str | None = None
-  conv_impl: str = 'auto'
+  conv: Callable[..., jax.Array] = lax.conv_general_dilated
   activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Maps NHWC images to float32 logits of shape (N, num_classes)."""
     x = x.astype(self.dtype)
-    names = conv_names(self.layers)
-    index = drops = 0
     for layer in self.layers:
       if isinstance(layer, Drop):
-        # `architecture` puts the input's dropout first, as dropout0.
-        if self.dropout and (drops or self.input_dropout):
+        if self.dropout and (self.input_dropout or not layer.on_input):
           x = nn.Dropout(layer.rate, deterministic=not train,
-                         name=f'dropout{drops}')(x)
-        drops += 1
+                         name=layer.name)(x)
       elif isinstance(layer, Pool):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
       else:
-        index += 1
-        name = names[index - 1]
-        is_classifier = name == 'classifier'
-        use_bn = self.batch_norm and not is_classifier
+        use_bn = self.batch_norm and layer.bn is not None
         x = nn.Conv(
             layer.features, (layer.kernel, layer.kernel),
             strides=(layer.stride, layer.stride), padding=layer.pads,
             use_bias=not use_bn, dtype=self.dtype, param_dtype=jnp.float32,
-            kernel_init=self.kernel_init,
-            conv_general_dilated=conv.conv_general_dilated(self.conv_impl),
-            name=name)(x)
+            kernel_init=self.kernel_init, conv_general_dilated=self.conv,
+            name=layer.name)(x)
         if use_bn:
           # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32 (the
           # batch-norm gradients of one and of four devices differed by 3e-3
@@ -210,12 +240,12 @@ class AllConvNet(nn.Module):
               use_fast_variance=False,
               dtype=self.dtype, param_dtype=jnp.float32,
               axis_name=self.bn_axis_name if train else None,
-              name=f'bn{index}')(x)
-        if not is_classifier or self.class_relu:
+              name=layer.bn)(x)
+        if layer.name != CLASSIFIER or self.class_relu:
           x = self.activation(x)
         # A no-op unless 'intermediates' is mutable. Not under the conv's own
         # name: capture_intermediates stores the conv's outputs there.
-        self.sow('intermediates', f'{name}_activation', x)
+        self.sow('intermediates', f'{layer.name}_activation', x)
     # Average and softmax in float32 so bfloat16 runs keep an exact loss.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -225,8 +255,12 @@ def create(name: str, num_classes: int = 10, *, width: float = 1.0,
            batch_norm: bool = False,
            class_relu: bool = True, dtype: str = 'float32',
            init: str = 'he_uniform', bn_axis_name: str | None = None,
-           conv_impl: str = 'auto') -> AllConvNet:
+           conv: Callable[..., jax.Array] = lax.conv_general_dilated,
+           ) -> AllConvNet:
   """Builds one of the twelve networks.
+
+  `allconv_jax.trained.create_model` builds the network a config describes;
+  this is the same with the options given one by one.
 
   Args:
     name: one of `NAMES`, e.g. ``'all_cnn_c'``.
@@ -240,40 +274,43 @@ def create(name: str, num_classes: int = 10, *, width: float = 1.0,
     init: kernel initializer, one of `INITIALIZERS` (``'lsuv'`` starts from
       ``'orthogonal'``; `allconv_jax.lsuv` rescales it from data).
     bn_axis_name: see `AllConvNet`.
-    conv_impl: one of `conv.IMPLS`; ``'auto'`` picks the fastest measured
-      on the platform.
+    conv: see `AllConvNet`; e.g.
+      ``allconv_jax.conv.conv_general_dilated('auto')`` is the fastest
+      measured on the platform.
 
   Returns:
     The `AllConvNet` module.
 
   Raises:
-    UserError: for an unknown name, dtype or initializer, or a class count or
-      width that is not positive.
+    ValueError: for an unknown name, dtype or initializer, or a class count
+      or width that is not positive.
   """
+  # Not UserErrors: config.validate has checked these for a config's network.
   if num_classes < 1:
-    raise UserError(f'num_classes: must be a positive integer, got {num_classes}')
+    raise ValueError(f'num_classes: must be a positive integer, got {num_classes}')
   if not width > 0:
-    raise UserError(f'width: must be positive, got {width}')
+    raise ValueError(f'width: must be positive, got {width}')
   if dtype not in DTYPES:
-    raise UserError(f"dtype: unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    raise ValueError(f"dtype: unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
   kernel_init = 'orthogonal' if init == 'lsuv' else init
   if kernel_init not in INITIALIZERS:
     allowed = ', '.join([*INITIALIZERS, 'lsuv'])
-    raise UserError(f'init: unknown initializer {init!r}; allowed: {allowed}')
-  if conv_impl not in conv.IMPLS:
-    raise UserError(f"conv_impl: unknown implementation {conv_impl!r}; "
-                    f"allowed: {', '.join(conv.IMPLS)}")
-  conv.resolve(conv_impl)  # Says now if 'onednn' cannot run here.
+    raise ValueError(f'init: unknown initializer {init!r}; allowed: {allowed}')
   return AllConvNet(
       layers=tuple(architecture(name, num_classes, width)), dropout=dropout,
       input_dropout=input_dropout, batch_norm=batch_norm,
       class_relu=class_relu, dtype=DTYPES[dtype],
       kernel_init=INITIALIZERS[kernel_init], bn_axis_name=bn_axis_name,
-      conv_impl=conv_impl)
+      conv=conv)
 
 
 def summary(model: nn.Module, image_shape=INPUT_SHAPE) -> str:
-  """Returns a Keras-style table of layers, output shapes and parameters."""
+  """Returns a Keras-style table of layers, output shapes and parameters.
+
+  Args:
+    model: e.g. an `AllConvNet`.
+    image_shape: (height, width, channels) of one input image.
+  """
   x = jnp.zeros((1, *image_shape), jnp.float32)
   return nn.tabulate(model, jax.random.key(0), depth=1,
                      console_kwargs={'width': 120, 'force_terminal': False})(x)

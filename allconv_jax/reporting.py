@@ -1,10 +1,17 @@
-"""Per-epoch outputs people read: ``metrics.csv`` and ``curves.png``."""
+"""Outputs people read: ``metrics.csv``, ``curves.png``, TensorBoard, progress.
+
+None of them needs TensorFlow.
+"""
 
 from __future__ import annotations
 
 import csv
 import math
 import os
+import socket
+import time
+
+from absl import logging
 
 # The Figure API needs no GUI backend and leaves pyplot's (and a notebook's)
 # alone.
@@ -25,8 +32,15 @@ def read_csv(path: str) -> list[dict]:
   with open(path, newline='') as f:
     rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
   for row in rows:
-    row['epoch'], row['step'] = int(row['epoch']), int(row['step'])
+    row['step'] = int(row['step'])
+    row['epoch'] = int(row['epoch']) if row['epoch'].is_integer() else row['epoch']
   return rows
+
+
+def epoch_of(step: int, steps_per_epoch: int) -> int | float:
+  """Epochs done after `step` steps: whole at an epoch's end, else a fraction."""
+  whole, rest = divmod(step, steps_per_epoch)
+  return whole if rest == 0 else round(step / steps_per_epoch, 4)
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
@@ -92,10 +106,65 @@ def summary(rows: list[dict], best: dict, has_validation: bool) -> dict:
       selected_validation_accuracy=optional(selected['validation_accuracy']),
       selected_test_accuracy=selected['test_accuracy'],
       final_validation_accuracy=optional(final['validation_accuracy']),
-      final_test_accuracy=final['test_accuracy'], epochs=len(rows))
+      final_test_accuracy=final['test_accuracy'], epochs=final['epoch'],
+      steps=final['step'])
 
 
 def duration(seconds: float) -> str:
   """``h:mm:ss``."""
   seconds = int(seconds)
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class TensorBoard:
+  """Scalars into a TensorBoard event file in `logdir`.
+
+  Written with the ``tensorboard`` package's record format and protos
+  directly: its `EventFileWriter` would import TensorFlow where it is
+  installed, through ``tensorboard.compat.tf``.
+  """
+
+  def __init__(self, logdir: str):
+    # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer import record_writer
+    # pylint: enable=g-import-not-at-top
+    self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    name = f'events.out.tfevents.{time.time():.0f}.{socket.gethostname()}'
+    self._records = record_writer.RecordWriter(
+        open(os.path.join(logdir, name), 'wb'))  # pylint: disable=consider-using-with
+    self._write(self._event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event) -> None:
+    # Flushed at once: a killed run keeps every evaluation it logged.
+    self._records.write(event.SerializeToString())
+    self._records.flush()
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    values = [self._summary.Value(tag=k, simple_value=float(v))
+              for k, v in scalars.items()]
+    self._write(self._event(wall_time=time.time(), step=step,
+                            summary=self._summary(value=values)))
+
+  def close(self) -> None:
+    self._records.close()
+
+
+class Progress:
+  """Logs steps/s and an ETA every `every_secs` seconds of training."""
+
+  def __init__(self, total_steps: int, every_secs: float = 30.0):
+    self.total_steps, self.every_secs = total_steps, every_secs
+    self._last = None  # (time, step) of the last line; the first call sets it.
+
+  def __call__(self, step: int) -> None:
+    now = time.monotonic()
+    if self._last is None:  # The first step's time is mostly compiling.
+      self._last = (now, step)
+      return
+    then, before = self._last
+    if now - then >= self.every_secs and step > before:
+      rate = (step - before) / (now - then)
+      logging.info('step %d/%d  %.1f steps/s  ETA %s', step, self.total_steps,
+                   rate, duration((self.total_steps - step) / rate))
+      self._last = (now, step)

@@ -1,6 +1,8 @@
-"""Stopping on request: SIGTERM or SIGINT end training at the next step."""
+"""How training stops early: on request (SIGTERM, SIGINT), or on divergence."""
 
 import signal
+
+from allconv_jax.errors import UserError
 
 
 class Interrupted(Exception):
@@ -36,3 +38,15 @@ class StopRequests:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+class Diverged(UserError):
+  """The loss became non-finite (``halt_on_nan``); the last good checkpoint is kept."""
+
+  def __init__(self, step: int, last_checkpoint: int | None):
+    kept = ('no checkpoint was written' if last_checkpoint is None else
+            f'the last good checkpoint (step {last_checkpoint}) is kept')
+    super().__init__(
+        f'learning_rate: the loss became non-finite at step {step}; training '
+        f'stopped and {kept}; lower learning_rate or set halt_on_nan=False')
+    self.step = step

@@ -4,7 +4,8 @@ The config is checked and the run's parts are built from it (`setup`: data,
 mesh, network, optimizer; nothing is written). The state training starts
 from is found (`initial_state`: resume, else fine-tune from another run, else
 from scratch). The loop runs the jitted steps of `allconv_jax.steps`, and
-`end_of_epoch` evaluates, selects on validation, checkpoints and logs.
+`evaluate_and_save` evaluates, selects on validation, checkpoints and logs
+at the end of every epoch (or every ``eval_every_steps`` steps).
 
 The batches, augmentation and dropout masks depend only on (seed, step), so a
 resumed run ends bit for bit where an uninterrupted run would.
@@ -22,22 +23,15 @@ import numpy as np
 import optax
 from absl import logging
 
-from allconv_jax import (checkpoints, config as config_lib, datasets, files,
-                         input_pipeline, models, reporting, sharding, steps,
-                         stopping, trained, transfer)
+from allconv_jax import (checkpoints, config as config_lib, confusion, datasets,
+                         files, input_pipeline, models, reporting, sharding,
+                         steps, stopping, trained, transfer)
 from allconv_jax.errors import UserError
 
 
-class Diverged(UserError):
-  """The loss became non-finite (``halt_on_nan``); the last good checkpoint is kept."""
-
-  def __init__(self, step: int, last_checkpoint: int | None):
-    kept = ('no checkpoint was written' if last_checkpoint is None else
-            f'the last good checkpoint (step {last_checkpoint}) is kept')
-    super().__init__(
-        f'learning_rate: the loss became non-finite at step {step}; training '
-        f'stopped and {kept}; lower learning_rate or set halt_on_nan=False')
-    self.step = step
+def total_steps(config, steps_per_epoch: int) -> int:
+  """``num_train_steps``, or else ``num_epochs`` epochs."""
+  return config.num_train_steps or config.num_epochs * steps_per_epoch
 
 
 def make_optimizer(config, steps_per_epoch: int):
@@ -46,9 +40,9 @@ def make_optimizer(config, steps_per_epoch: int):
   Weight decay is an L2 term added to the gradient (as in the paper and
   PyTorch's SGD), before momentum.
   """
-  total = config.num_epochs * steps_per_epoch
   if config.lr_schedule == 'onecycle':
-    schedule = optax.cosine_onecycle_schedule(total, config.learning_rate)
+    schedule = optax.cosine_onecycle_schedule(
+        total_steps(config, steps_per_epoch), config.learning_rate)
   else:
     schedule = optax.piecewise_constant_schedule(
         config.learning_rate,
@@ -79,6 +73,10 @@ class Setup:
   @property
   def architecture(self) -> dict:
     return trained.architecture(self.config, self.data.num_classes)
+
+  @property
+  def total_steps(self) -> int:
+    return total_steps(self.config, self.batches.steps_per_epoch)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
@@ -138,6 +136,8 @@ def initial_state(run: Setup) -> Start:
   state = steps.init_state(run.model, run.tx, config.seed, run.mesh)
   train_metrics = jax.device_put(steps.TrainMetrics.empty(), replicated)
   preprocess_path = os.path.join(run.workdir, files.PREPROCESS)
+  fit = lambda: input_pipeline.Preprocessor.fit(run.data.train.images,
+                                                **config.preprocess)
 
   restored = checkpoints.restore_latest_good(
       run.checkpoints.latest_dir, dict(state=state, train_metrics=train_metrics),
@@ -146,7 +146,7 @@ def initial_state(run: Setup) -> Start:
     tree, meta = restored
     tree = jax.device_put(tree, replicated)
     preprocessor = (input_pipeline.Preprocessor.load(preprocess_path)
-                    if os.path.exists(preprocess_path) else _fit(run))
+                    if os.path.exists(preprocess_path) else fit())
     return Start(tree['state'], tree['train_metrics'], preprocessor, meta)
 
   if config.transfer.from_workdir:
@@ -161,18 +161,11 @@ def initial_state(run: Setup) -> Start:
     return Start(jax.device_put(state, replicated), train_metrics,
                  source.preprocessor, None)
 
-  preprocessor = _fit(run)
+  preprocessor = fit()
   if config.init != 'lsuv':
     return Start(state, train_metrics, preprocessor, None)
   state, report = _lsuv(run, state, preprocessor)
   return Start(state, train_metrics, preprocessor, None, report)
-
-
-def _fit(run: Setup) -> input_pipeline.Preprocessor:
-  pre = run.config.preprocess
-  return input_pipeline.Preprocessor.fit(
-      run.data.train.images, standardize=pre.standardize, gcn_zca=pre.gcn_zca,
-      gcn_scale=pre.gcn_scale, zca_filter_bias=pre.zca_filter_bias)
 
 
 def _lsuv(run: Setup, state: steps.TrainState, preprocessor):
@@ -199,8 +192,9 @@ def _lsuv(run: Setup, state: steps.TrainState, preprocessor):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the configured network, evaluating every epoch.
 
-  Each epoch is evaluated on the validation split (``dataset.validation_size``)
-  and on the test split; only validation accuracy selects a checkpoint.
+  Each epoch (or ``eval_every_steps`` steps) is evaluated on the validation
+  split (``dataset.validation_size``) and on the test split; only validation
+  accuracy selects a checkpoint.
 
   Args:
     config: an experiment config (see ``configs/default.py``).
@@ -212,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Raises:
     UserError: for bad config values, data or checkpoints, or a workdir in
       use, before anything is written to `workdir`.
-    Diverged: a non-finite loss (``halt_on_nan``), with the last good
+    stopping.Diverged: a non-finite loss (``halt_on_nan``), with the last good
       checkpoint kept.
     stopping.Interrupted: after SIGTERM or SIGINT, once a checkpoint is saved.
   """
@@ -237,55 +231,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_writer:
       print(models.summary(run.model), flush=True)
 
-    train_step = steps.make_train_step(
-        run.model, run.tx, run.mesh, seed=config.seed,
+    length = config.steps_per_dispatch or (1 if jax.default_backend() == 'cpu' else 100)
+    train_steps = steps.make_train_steps(
+        run.model, run.tx, run.mesh, length=length, seed=config.seed,
         max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
         flip=config.augment.flip)
     eval_step = steps.make_eval_step(run.model, run.mesh)
-    images, labels = splits['train']
-    state, train_metrics = start.state, start.train_metrics
-    spe, local = run.batches.steps_per_epoch, sharding.local_slice(config.batch_size)
-    total_steps = config.num_epochs * spe
-    progress = record.progress(total_steps)
+    images, labels = steps.resident(run.mesh, *splits['train'])
+    state, train_metrics, step = start.state, start.train_metrics, int(start.state.step)
+    local = sharding.local_slice(config.batch_size)
+    every = config.eval_every_steps or run.batches.steps_per_epoch
+    progress = reporting.Progress(run.total_steps)
     with stopping.StopRequests() as stop:
-      for step in range(int(state.step), total_steps):
-        idx = run.batches.indices(step)[local]
-        batch = sharding.global_batch(run.mesh, images[idx], labels[idx])
-        state, train_metrics = train_step(state, train_metrics, *batch)
-        progress(step + 1)
-        if (step + 1) % spe == 0:
+      while step < run.total_steps:
+        end = _chunk_end(run, step, length)
+        indices, = sharding.global_batch(
+            run.mesh, run.batches.chunk(step, end, length)[local])
+        state, train_metrics = train_steps(state, train_metrics, images, labels,
+                                           indices, end - step)
+        step = end
+        progress(step)
+        if step % every == 0 or step == run.total_steps:
           _check_finite(run, train_metrics)
-          train_metrics = end_of_epoch(run, record, eval_step, state,
-                                       train_metrics, splits)
+          train_metrics = evaluate_and_save(run, record, eval_step, state,
+                                            train_metrics, splits)
         elif stop.signum is not None or (
-            config.checkpoint_every_steps and
-            (step + 1) % config.checkpoint_every_steps == 0):
+            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
           _check_finite(run, train_metrics)
           record.save(state, train_metrics)
         if stop.signum is not None:
-          raise stopping.Interrupted(stop.signum, step + 1)
+          raise stopping.Interrupted(stop.signum, step)
     run.checkpoints.close()
+    # Per-class results of the final state (--mode=eval: of the selected one).
+    test_images, test_labels = splits['test']
+    predictions = steps.predict(steps.make_predict_step(run.model, run.mesh), state,
+                                run.mesh, test_images, config.eval_batch_size)
+    if is_writer:
+      confusion.write(workdir, test_labels, predictions, run.data.class_names,
+                      'test', step)
     return record.finish()
+
+
+def _chunk_end(run: Setup, step: int, length: int) -> int:
+  """Where the chunk from `step` ends: at most `length` steps, and at the
+  next evaluation, checkpoint or the last step (signals are checked there)."""
+  every = [run.config.eval_every_steps or run.batches.steps_per_epoch,
+           run.config.checkpoint_every_steps]
+  return min([run.total_steps, step + length] +
+             [(step // n + 1) * n for n in every if n])
 
 
 def _check_finite(run: Setup, train_metrics: steps.TrainMetrics) -> None:
   """Stops before a diverged state can be checkpointed (halt_on_nan)."""
   bad = int(train_metrics.nonfinite_step.compute())
   if bad >= 0 and run.config.halt_on_nan:
-    raise Diverged(bad, checkpoints.latest_step(run.checkpoints.latest_dir))
+    raise stopping.Diverged(bad, checkpoints.latest_step(run.checkpoints.latest_dir))
 
 
-def end_of_epoch(run: Setup, record: '_Record', eval_step, state, train_metrics,
-                 splits: dict) -> steps.TrainMetrics:
-  """Evaluates, selects on validation, checkpoints and logs one epoch.
+def evaluate_and_save(run: Setup, record: '_Record', eval_step, state,
+                      train_metrics, splits: dict) -> steps.TrainMetrics:
+  """Evaluates, selects on validation, checkpoints and logs an epoch's end.
+
+  Or the end of ``eval_every_steps`` steps: the row's train columns average
+  the steps since the previous row, and its epoch may be fractional.
 
   Returns:
-    The next epoch's train metrics: empty, and checkpointed so, so that a run
-    resumed from this checkpoint starts the next epoch as this one does.
+    The next period's train metrics: empty, and checkpointed so, so that a
+    run resumed from this checkpoint starts the next period as this one does.
   """
   step = int(state.step)
-  row = dict(epoch=step // run.batches.steps_per_epoch, step=step,
-             learning_rate=float(run.schedule(step - 1)))
+  row = dict(epoch=reporting.epoch_of(step, run.batches.steps_per_epoch),
+             step=step, learning_rate=float(run.schedule(step - 1)))
   row.update({f'train_{k}': float(v) for k, v in train_metrics.compute().items()
               if k != 'nonfinite_step'})
   for name in ('validation', 'test'):
@@ -307,8 +323,6 @@ class _Record:
   """The run's history, its selection and the files people read."""
 
   def __init__(self, run: Setup, resumed: dict | None, is_writer: bool):
-    # Imported here: they import TensorFlow, which takes seconds.
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.run, self.is_writer = run, is_writer
     self.has_validation = run.data.validation is not None
     # The CSV is rebuilt from the checkpoint's history, so a run killed between
@@ -320,23 +334,13 @@ class _Record:
     if resumed:
       logging.info('Resuming from step %d (epoch %d) of %s', resumed['step'],
                    resumed['epoch'], run.workdir)
-    self.writer = metric_writers.create_default_writer(
-        run.workdir, just_logging=not is_writer)
-    if not resumed:
-      self.writer.write_hparams({k: v for k, v in run.config.to_dict().items()
-                                 if isinstance(v, (int, float, str, bool))})
+    self.tensorboard = reporting.TensorBoard(run.workdir) if is_writer else None
     if is_writer:
       reporting.write_csv(self._path(files.METRICS), self.rows)
-    self.epoch_start = time.time()
+    self.period_start = (time.time(), resumed['step'] if resumed else 0)
 
   def _path(self, name: str) -> str:
     return os.path.join(self.run.workdir, name)
-
-  def progress(self, total_steps: int):
-    """Steps/s and an ETA in the log every 30 s (clu's ReportProgress)."""
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-    return periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=self.writer, every_secs=30)
 
   def add(self, row: dict) -> bool:
     """Appends an epoch; returns whether its validation accuracy is the best.
@@ -344,7 +348,7 @@ class _Record:
     Without a validation split nothing is selected: the final checkpoint
     stands. Test accuracy never selects.
     """
-    row['seconds'] = round(time.time() - self.epoch_start, 3)
+    row['seconds'] = round(time.time() - self.period_start[0], 3)
     is_best = self.has_validation and row['validation_accuracy'] > self.best['accuracy']
     if is_best:
       self.best = dict(accuracy=row['validation_accuracy'], epoch=row['epoch'])
@@ -366,24 +370,25 @@ class _Record:
 
   def write(self, row: dict) -> None:
     """The CSV, curves, TensorBoard and the log line of an epoch."""
-    config = self.run.config
     if self.is_writer:
-      self.writer.write_scalars(row['step'], {
+      self.tensorboard.write_scalars(row['step'], {
           k: v for k, v in row.items()
           if k not in ('epoch', 'step') and np.isfinite(v)})
       reporting.write_csv(self._path(files.METRICS), self.rows)
-      reporting.plot_curves(self.rows, self._path(files.CURVES),
-                            title=f'{config.model} on {config.dataset.name}')
-    eta = (config.num_epochs - row['epoch']) * row['seconds']
-    logging.info('epoch %d/%d  %s  %.1fs/epoch  ETA %s', row['epoch'],
-                 config.num_epochs, reporting.epoch_line(row, self.best), row['seconds'],
-                 reporting.duration(eta))
-    self.epoch_start = time.time()
+      reporting.plot_curves(self.rows, self._path(files.CURVES), title=(
+          f'{self.run.config.model} on {self.run.config.dataset.name}'))
+    per_step = row['seconds'] / (row['step'] - self.period_start[1])
+    spe, total = self.run.batches.steps_per_epoch, self.run.total_steps
+    logging.info('epoch %g/%g  %s  %.1fs/epoch  ETA %s', row['epoch'], total / spe,
+                 reporting.epoch_line(row, self.best), per_step * spe,
+                 reporting.duration((total - row['step']) * per_step))
+    self.period_start = (time.time(), row['step'])
 
   def finish(self) -> dict:
     """The summary (see `reporting.summary`), written once the run is complete."""
-    self.writer.flush()
+    if self.tensorboard:
+      self.tensorboard.close()
     summary = reporting.summary(self.rows, self.best, self.has_validation)
-    if self.is_writer and summary['epochs'] == self.run.config.num_epochs:
+    if self.is_writer and self.rows and self.rows[-1]['step'] == self.run.total_steps:
       files.write_json(self._path(files.SUMMARY), summary)
     return summary

@@ -17,18 +17,32 @@ from typing import Any
 import jax
 import ml_collections
 
-from allconv_jax import (checkpoints, config as config_lib, datasets, files,
-                         input_pipeline, models, sharding, steps)
+from allconv_jax import (checkpoints, config as config_lib, confusion, conv,
+                         datasets, files, input_pipeline, models, sharding,
+                         steps)
 from allconv_jax.errors import UserError
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
                  bn_axis_name: str | None = None) -> models.AllConvNet:
-  """The network `config` describes, with `num_classes` outputs."""
+  """The network `config` describes, with `num_classes` outputs.
+
+  Args:
+    config: a validated config (`config.validate`).
+    num_classes: size of the class layer.
+    bn_axis_name: see `models.AllConvNet`.
+
+  Raises:
+    UserError: for ``conv_impl='onednn'`` where oneDNN cannot be built.
+  """
+  # Resolved here, the one place a config becomes a network: on CPU 'auto'
+  # and 'onednn' build the oneDNN extension (once per process), which
+  # `models` never does.
   return models.create(
       config.model, num_classes, width=config.width, dropout=config.dropout,
       input_dropout=config.input_dropout, batch_norm=config.batch_norm,
       class_relu=config.class_relu, dtype=config.dtype, init=config.init,
-      bn_axis_name=bn_axis_name, conv_impl=config.conv_impl)
+      bn_axis_name=bn_axis_name,
+      conv=conv.conv_general_dilated(config.conv_impl))
 
 
 def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
@@ -95,8 +109,12 @@ def load(workdir: str, expected: dict | None = None, field: str = 'workdir') -> 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates the selected checkpoint of `workdir` on the test split.
 
+  Also writes the test split's confusion matrix and per-class accuracy into
+  `workdir` (``confusion.csv``, ``.json``, ``.png``; see `confusion`).
+
   Returns:
-    ``{'test_accuracy', 'test_loss', 'step'}``.
+    ``{'test_accuracy', 'test_loss', 'step', 'per_class_accuracy',
+    'most_confused'}``: the last two as `confusion.report`.
 
   Raises:
     UserError: a bad config, a workdir without a checkpoint, or one of
@@ -111,8 +129,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
       steps.TrainState(step=run.step, params=run.variables['params'],
                        batch_stats=run.variables.get('batch_stats', {}),
                        opt_state=None), sharding.replicated(mesh))
+  images, labels = run.preprocessor(data.test.images), data.test.labels
+  # Loss and accuracy as training computed them for metrics.csv, so that
+  # the two stay comparable; the predictions take a second forward pass.
   test = steps.evaluate(steps.make_eval_step(run.model, mesh), state, mesh,
-                        run.preprocessor(data.test.images), data.test.labels,
-                        config.eval_batch_size)
+                        images, labels, config.eval_batch_size)
+  predictions = steps.predict(steps.make_predict_step(run.model, mesh), state,
+                              mesh, images, config.eval_batch_size)
+  if jax.process_index() == 0:  # Every process has every prediction; one writes.
+    per_class = confusion.write(workdir, labels, predictions, data.class_names,
+                                'test', run.step)
+  else:
+    per_class = confusion.report(
+        confusion.matrix(labels, predictions, data.num_classes), data.class_names)
   return dict(test_accuracy=test['accuracy'], test_loss=test['loss'],
-              step=run.step)
+              step=run.step, **per_class)

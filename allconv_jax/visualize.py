@@ -102,9 +102,8 @@ def relu(method: str) -> Callable[[jax.Array], jax.Array]:
 
 def layer_channels(model: models.AllConvNet) -> dict[str, int]:
   """``{layer name: output channels}`` from ``conv1`` to ``classifier``."""
-  convs = [layer for layer in model.layers if isinstance(layer, models.Conv)]
-  return {name: conv.features
-          for name, conv in zip(models.conv_names(model.layers), convs)}
+  return {layer.name: layer.features for layer in model.layers
+          if isinstance(layer, models.Conv)}
 
 
 def default_layers(model: models.AllConvNet) -> list[str]:

@@ -259,10 +259,10 @@ def all_cnn_c_convs(width: float = 1.0) -> list[tuple]:
   specs = [layer for layer in models.architecture('all_cnn_c', 10, width)
            if isinstance(layer, models.Conv)]
   size, channels, convs = 32, 3, []
-  for name, layer in zip(models.conv_names(specs), specs):
+  for layer in specs:
     out = size - (layer.kernel - 1 if layer.padding == 'VALID' else 0)
     out = math.ceil(out / layer.stride)
-    convs.append((name, size, channels, out, layer))
+    convs.append((layer.name, size, channels, out, layer))
     size, channels = out, layer.features
   return convs
 
@@ -376,3 +376,23 @@ class LibrarySteps:
   def train_loss(self) -> float:
     """Mean loss of the train steps so far (NaN would mean a broken step)."""
     return float(self.metrics.compute()['loss'])
+
+
+def torch_all_cnn_c(width: float = 1.0, num_classes: int = 10):
+  """All-CNN-C in plain PyTorch: the layers of `allconv_jax.models`, every
+  3x3 conv padded by one pixel, stride 2 included (Caffe's padding)."""
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  c1, c2 = round(96 * width), round(192 * width)
+
+  def conv(cin, cout, kernel, stride=1, padding=1):
+    return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.ReLU()]
+
+  return nn.Sequential(
+      nn.Dropout(0.2),
+      *conv(3, c1, 3), *conv(c1, c1, 3), *conv(c1, c1, 3, stride=2),
+      nn.Dropout(0.5),
+      *conv(c1, c2, 3), *conv(c2, c2, 3), *conv(c2, c2, 3, stride=2),
+      nn.Dropout(0.5),
+      *conv(c2, c2, 3, padding=0), *conv(c2, c2, 1, padding=0),
+      *conv(c2, num_classes, 1, padding=0),  # ReLU on the class layer too.
+      nn.AdaptiveAvgPool2d(1), nn.Flatten())

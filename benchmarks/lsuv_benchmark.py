@@ -15,7 +15,7 @@ import argparse
 import time
 
 import common
-from allconv_jax import lsuv, models  # Before JAX starts: its XLA flags.
+from allconv_jax import conv, lsuv, models  # Before JAX starts: its XLA flags.
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +28,7 @@ def _random_variables(model, seed: int = 0):
   CPU) and that is not what is being measured.
   """
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *models.INPUT_SHAPE))))
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -52,9 +52,10 @@ def main():
   args = parser.parse_args()
 
   model = models.create(args.model, 10, width=args.width,
-                        batch_norm=args.batch_norm)
+                        batch_norm=args.batch_norm,
+                        conv=conv.conv_general_dilated('auto'))
   variables = _random_variables(model)
-  images = jax.random.normal(jax.random.key(1), (args.batch, 32, 32, 3))
+  images = jax.random.normal(jax.random.key(1), (args.batch, *models.INPUT_SHAPE))
   jax.block_until_ready((variables, images))
 
   start = time.perf_counter()

@@ -112,29 +112,6 @@ def _seconds(fn) -> float:
 # ---------------------------------------------------------- torch worker
 
 
-def all_cnn_c(width: float = 1.0, num_classes: int = 10):
-  """All-CNN-C in plain PyTorch: the layers of `allconv_jax.models`.
-
-  Every 3x3 convolution pads one pixel on each side, stride 2 included, as
-  the library's networks do (Caffe's padding).
-  """
-  from torch import nn  # pylint: disable=g-import-not-at-top
-  c1, c2 = round(96 * width), round(192 * width)
-
-  def conv(cin, cout, kernel, stride=1, padding=1):
-    return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.ReLU()]
-
-  return nn.Sequential(
-      nn.Dropout(0.2),
-      *conv(3, c1, 3), *conv(c1, c1, 3), *conv(c1, c1, 3, stride=2),
-      nn.Dropout(0.5),
-      *conv(c1, c2, 3), *conv(c2, c2, 3), *conv(c2, c2, 3, stride=2),
-      nn.Dropout(0.5),
-      *conv(c2, c2, 3, padding=0), *conv(c2, c2, 1, padding=0),
-      *conv(c2, num_classes, 1, padding=0),  # ReLU on the class layer too.
-      nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
 def serve_torch(channels_last: bool, compiled: bool) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -143,7 +120,7 @@ def serve_torch(channels_last: bool, compiled: bool) -> None:
   torch.manual_seed(0)
   config = config_lib.defaults()
   layout = torch.channels_last if channels_last else torch.contiguous_format
-  model = all_cnn_c(FLAGS.width).to(memory_format=layout)
+  model = common.torch_all_cnn_c(FLAGS.width).to(memory_format=layout)
   optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
                               momentum=config.momentum,
                               weight_decay=config.weight_decay)

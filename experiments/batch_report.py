@@ -10,7 +10,7 @@ and count as one seed.
 import os
 import sys
 
-import common  # Puts the repository root on sys.path.
+import common
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -92,8 +92,15 @@ def _cell(values, scale=100.0, digits=1) -> str:
   return common.format_mean_std(values, scale=scale, digits=digits)
 
 
+def _seconds(run: dict) -> float:
+  """A run's wall time (earlier results.json: initialization + training)."""
+  if 'seconds' in run:
+    return run['seconds'] or 0.0
+  return run['init_seconds'] + run['train_seconds']
+
+
 def tables(runs, classes: int) -> list[str]:
-  """The Markdown blocks of results.md: accuracies, step 0, LSUV reports."""
+  """The Markdown blocks of results.md: accuracies, chance, LSUV reports."""
   steps = table_steps([p['step'] for p in runs[0]['curve']])
   groups = by_variant(runs)
   seeds = len(groups[0][1])
@@ -102,25 +109,23 @@ def tables(runs, classes: int) -> list[str]:
   lines = [f'Test accuracy (%) after a number of training batches ({spread}'
            '):', '',
            '| variant | ' + ' | '.join(f'step {s}' for s in steps)
-           + ' | train loss (last window) | seconds (init + train) |',
+           + ' | train loss (last window) | seconds |',
            '|---|' + '---:|' * (len(steps) + 2)]
   for name, group in groups:
     at = lambda run, step: next(p for p in run['curve'] if p['step'] == step)
     accs = ' | '.join(_cell([at(r, s)['test_accuracy'] for r in group])
                       for s in steps)
     loss = _cell([r['curve'][-1]['train_loss'] for r in group], 1, 3)
-    init = sum(r['init_seconds'] for r in group)
-    train = sum(r['train_seconds'] for r in group)
-    lines.append(f'| {name} | {accs} | {loss} | {init:.0f} + {train:.0f} |')
-  blocks = ['\n'.join(lines)]
-  start = [f'Chance level is {100 / classes:.0f}%. Step 0 (before training):',
-           '']
-  for name, group in groups:
-    start.append(
-        f'- {name}: test accuracy '
-        f"{_cell([r['curve'][0]['test_accuracy'] for r in group])}%, test "
-        f"loss {_cell([r['curve'][0]['test_loss'] for r in group], 1, 3)}")
-  blocks.append('\n'.join(start))
+    lines.append(f'| {name} | {accs} | {loss} | '
+                 f'{sum(_seconds(r) for r in group):.0f} |')
+  blocks = ['\n'.join(lines), f'Chance level is {100 / classes:.0f}%.']
+  if runs[0]['curve'][0]['step'] == 0:  # Results of the earlier own loop.
+    blocks[-1] += ' Step 0 (before training):\n'
+    for name, group in groups:
+      blocks[-1] += (
+          f'\n- {name}: test accuracy '
+          f"{_cell([r['curve'][0]['test_accuracy'] for r in group])}%, test "
+          f"loss {_cell([r['curve'][0]['test_loss'] for r in group], 1, 3)}")
   for name, group in groups:
     if group[0].get('lsuv_table'):
       seed = group[0].get('seed')

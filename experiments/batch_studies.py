@@ -41,33 +41,25 @@ on 2 cores):
       --width=0.25 --steps=500 --eval_every=25 --seeds=0,1,2
 
 `experiments/init_study.py` is ``--study=init`` under its historical name.
-Everything but the loop is the library's: `train.make_optimizer`,
-`steps.init_state`, `steps.make_train_step`, `steps.evaluate`, the
-`input_pipeline` and `sharding` modules, and `lsuv.lsuv_init` for LSUV
-(which starts from orthogonal kernels, as `models.create(init='lsuv')` does).
+Each run is the library's `train.train_and_evaluate` with
+``num_train_steps`` and ``eval_every_steps`` set, in its own workdir under
+`--workdir_root` (``<variant>/seed<seed>``): a finished run is not trained
+again.
 """
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batch_report
-import common  # Puts the repository root on sys.path.
+import common
 
-import jax
-import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from allconv_jax import (datasets, input_pipeline, lsuv, models, sharding, steps,
-                         train, trained)
+from allconv_jax import config as config_lib, datasets, files, lsuv_report
 from allconv_jax.errors import UserError
-from configs import default
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,16 +138,14 @@ flags.DEFINE_enum('dataset', 'cifar10', ['cifar10', 'digits'],
 flags.DEFINE_string('archive', None,
                     'Local copy of the official cifar-10-binary.tar.gz.')
 flags.DEFINE_string('data_dir', None, 'tensorflow-datasets data directory.')
-flags.DEFINE_string('model', 'all_cnn_c', 'Network (allconv_jax.models.NAMES).')
+flags.DEFINE_string('model', 'all_cnn_c', 'Network (allconv_jax.config.NETWORKS).')
 flags.DEFINE_float('width', 1.0, 'Multiplier on the 96/192 channels.')
 flags.DEFINE_string('init', 'lsuv', 'Initializer of the studies that do not '
                     'vary it.')
 flags.DEFINE_integer('steps', 3000, 'Training batches per variant.')
 flags.DEFINE_integer('batch_size', 32, 'Training batch size.')
 flags.DEFINE_integer('eval_every', 250, 'Evaluate on the test split every '
-                     'this many steps (and at step 0).')
-flags.DEFINE_integer('eval_examples', 0, 'Evaluate on the first this many '
-                     'test examples (0: all).')
+                     'this many steps.')
 flags.DEFINE_integer('eval_batch_size', 250, 'Evaluation batch size.')
 flags.DEFINE_float('learning_rate', 0.01, 'SGD learning rate.')
 flags.DEFINE_float('momentum', 0.9, 'Nesterov momentum.')
@@ -164,13 +154,15 @@ flags.DEFINE_list('seeds', ['0'], 'Seeds of initialization, batches, '
                   'augmentation and dropout: every variant runs once per '
                   'seed, and the tables give the mean ± std over them.')
 flags.DEFINE_alias('seed', 'seeds')
+flags.DEFINE_string('workdir_root', None, 'Where the runs go, one workdir '
+                    'per variant and seed (default: workdirs/<study>_<dataset>).')
 flags.DEFINE_bool('replot', False, 'Only redraw the PNG and rewrite '
                   'results.md from the results.json in --out.')
 
 
 def make_config(variant: Variant, seed: int = 0):
   """The experiment config: the shared protocol with the variant's changes."""
-  config = default.get_config()
+  config = config_lib.defaults()
   config.model = FLAGS.model
   config.width = FLAGS.width
   config.init = FLAGS.init
@@ -179,6 +171,8 @@ def make_config(variant: Variant, seed: int = 0):
   config.dataset.data_dir = FLAGS.data_dir
   config.batch_size = FLAGS.batch_size
   config.eval_batch_size = FLAGS.eval_batch_size
+  config.num_train_steps = FLAGS.steps
+  config.eval_every_steps = FLAGS.eval_every
   config.optimizer = 'sgd'
   config.learning_rate = FLAGS.learning_rate
   config.momentum = FLAGS.momentum
@@ -194,103 +188,25 @@ def make_config(variant: Variant, seed: int = 0):
   config.preprocess.standardize = True
   config.preprocess.gcn_zca = False
   config.lsuv.batch_size = FLAGS.lsuv_batch
+  # The curves go on after a non-finite loss, as the reference's did.
+  config.halt_on_nan = False
   config.seed = seed
   config.update_from_flattened_dict(variant.overrides)
   return config
 
 
-def fit_preprocessor(config, train_images: np.ndarray):
-  """The config's preprocessing, or a scaling to [0, 1] when it has none.
-
-  Raw 0-255 pixels are no one's baseline; Keras users rescale by 1/255.
-  """
-  if not (config.preprocess.standardize or config.preprocess.gcn_zca):
-    channels = train_images.shape[-1]
-    return input_pipeline.Preprocessor(
-        zca=None, zca_mean=None, gcn_scale=55.0,
-        mean=np.zeros(channels, np.float32),
-        std=np.full(channels, 255.0, np.float32))
-  return input_pipeline.Preprocessor.fit(
-      train_images, standardize=config.preprocess.standardize,
-      gcn_zca=config.preprocess.gcn_zca,
-      gcn_scale=config.preprocess.gcn_scale,
-      zca_filter_bias=config.preprocess.zca_filter_bias)
-
-
-def run_one(variant: Variant, seed: int, data, mesh) -> dict:
-  """Trains one variant from one seed; returns its curve (and LSUV report)."""
-  config = make_config(variant, seed)
-  preprocessor = fit_preprocessor(config, data.train.images)
-  train_images = preprocessor(data.train.images)
-  train_labels = data.train.labels
-  test_images, test_labels = data.test.images, data.test.labels
-  if FLAGS.eval_examples:
-    test_images = test_images[:FLAGS.eval_examples]
-    test_labels = test_labels[:FLAGS.eval_examples]
-  test_images = preprocessor(test_images)
-  num_classes = data.num_classes
-  batches = input_pipeline.TrainBatches(len(train_labels), config.batch_size,
-                                        config.seed)
-  config.num_epochs = max(1, math.ceil(FLAGS.steps / batches.steps_per_epoch))
-  tx, _ = train.make_optimizer(config, batches.steps_per_epoch)
-  model = trained.create_model(config, num_classes, bn_axis_name=sharding.AXIS)
-  start = time.time()
-  state = steps.init_state(model, tx, config.seed, mesh)
-  report = None
-  if config.init == 'lsuv':
-    rng = np.random.default_rng(config.seed)
-    idx = rng.permutation(len(train_labels))[:config.lsuv.batch_size]
-    (batch,) = sharding.global_batch(
-        mesh, train_images[idx[sharding.local_slice(len(idx))]])
-    variables, report = lsuv.lsuv_init(
-        model, {'params': state.params, 'batch_stats': state.batch_stats},
-        batch)
-    logging.info('%s', report.table())
-    state = jax.device_put(
-        state.replace(params=variables['params'],
-                      opt_state=tx.init(variables['params'])),
-        sharding.replicated(mesh))
-  init_seconds = time.time() - start
-
-  train_step = steps.make_train_step(
-      model, tx, mesh, seed=config.seed,
-      max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
-      flip=config.augment.flip)
-  eval_model = trained.create_model(config, num_classes)
-  eval_step = steps.make_eval_step(eval_model, mesh)
-  local = sharding.local_slice(config.batch_size)
-
-  def empty_metrics():
-    return jax.device_put(steps.TrainMetrics.empty(), sharding.replicated(mesh))
-
-  def evaluate(step, window):
-    test = steps.evaluate(eval_step, state, mesh, test_images, test_labels,
-                          config.eval_batch_size)
-    point = dict(step=step, test_loss=test['loss'],
-                 test_accuracy=test['accuracy'],
-                 train_loss=None, train_accuracy=None)
-    if window is not None:  # Averages over the steps since the last point.
-      computed = {k: float(v) for k, v in window.compute().items()}
-      point.update(train_loss=computed['loss'],
-                   train_accuracy=computed['accuracy'])
-    logging.info('%s step %d: %s', variant.name, step, point)
-    return point
-
-  curve = [evaluate(0, None)]
-  window = empty_metrics()
-  start = time.time()
-  for step in range(FLAGS.steps):
-    idx = batches.indices(step)[local]
-    images, labels = sharding.global_batch(mesh, train_images[idx],
-                                           train_labels[idx])
-    state, window = train_step(state, window, images, labels)
-    if (step + 1) % FLAGS.eval_every == 0 or step + 1 == FLAGS.steps:
-      curve.append(evaluate(step + 1, window))
-      window = empty_metrics()
+def run_one(variant: Variant, seed: int, root: str) -> dict:
+  """Trains one variant from one seed (unless finished); returns its curve."""
+  workdir = os.path.join(root, variant.name, f'seed{seed}')
+  record = common.train_run(make_config(variant, seed), workdir)
+  curve = [{k: row[k] for k in ('step', 'test_loss', 'test_accuracy',
+                                'train_loss', 'train_accuracy')}
+           for row in record['rows']]
+  report_path = os.path.join(workdir, files.LSUV_REPORT)
+  report = (lsuv_report.Report.load(report_path) if os.path.exists(report_path)
+            else None)
   return dict(variant=variant.name, label=variant.label, seed=seed,
-              curve=curve,
-              init_seconds=round(init_seconds, 2),
-              train_seconds=round(time.time() - start, 2),
+              curve=curve, seconds=record['seconds'],
               lsuv_report=report.to_dict() if report else None,
               lsuv_table=report.table() if report else None)
 
@@ -304,8 +220,6 @@ def main(argv):
   unknown = [v for v in FLAGS.variants or () if v not in names]
   if unknown:
     raise app.UsageError(f'--variants: unknown {unknown}; allowed: {names}')
-  if FLAGS.model not in models.NAMES:
-    raise app.UsageError(f'--model: unknown {FLAGS.model!r}')
   out = common.results_dir(f'{study.slug}_{FLAGS.dataset}')
   if FLAGS.replot:
     with open(os.path.join(out, 'results.json')) as f:
@@ -318,25 +232,23 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f'--seeds: {e}')
 
+  root = FLAGS.workdir_root or os.path.join(
+      common.ROOT, 'workdirs', f'{study.slug}_{FLAGS.dataset}')
+  start = time.time()
+  runs = []
   try:
+    config_lib.validate(make_config(variants[0]))
     data = datasets.load(make_config(variants[0]).dataset)
+    with common.shared_preprocessing():  # ZCA: fitted once, not per seed.
+      for variant in variants:
+        for seed in seeds:
+          runs.append(run_one(variant, seed, root))
   except UserError as e:  # E.g. CIFAR-10 with neither archive nor network.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(FLAGS.batch_size)
-  sharding.check_batch_size(FLAGS.eval_batch_size, 'eval_batch_size')
-
-  start = time.time()
-  runs = []
-  with common.shared_preprocessing():  # ZCA: fitted once, not per seed.
-    for variant in variants:
-      for seed in seeds:
-        common.wait_for_lock()
-        runs.append(run_one(variant, seed, data, mesh))
   total = time.time() - start
 
-  test_size = FLAGS.eval_examples or len(data.test.labels)
+  test_size = len(data.test.labels)
   epochs = FLAGS.steps * FLAGS.batch_size / len(data.train.labels)
   base = make_config(Variant('base', '', {}))
   setup = {
@@ -366,7 +278,8 @@ def main(argv):
       'seeds': (f'{", ".join(map(str, seeds))}: each variant runs once per '
                 'seed; a seed gives every variant the same batches, '
                 'augmentation and dropout'),
-      'wall time': f'{total:.0f} s for all runs',
+      'wall time': (f'{total:.0f} s for this call (runs finished before it '
+                    'are not trained again)'),
   }
   title = (f'{study.title}: {FLAGS.model} (width {FLAGS.width:g}) on '
            f'{FLAGS.dataset}, {FLAGS.steps} batches of {FLAGS.batch_size}')

@@ -3,10 +3,9 @@
 The flags common to all studies (output folder, machine label, a lock file to
 wait for), the description of the machine and the date, the parameter count
 of a network, mean ± std over seeds, one-epoch-per-point curves, and the
-layout of ``results.md``.
-Each study script imports this module after putting the repository root on
-``sys.path`` (`ROOT`), so that it runs as ``python experiments/<study>.py``
-from anywhere.
+layout of ``results.md``. A study runs as ``python experiments/<study>.py``
+(from anywhere: Python puts the script's folder on its path) with the
+package installed (``pip install -e .``).
 """
 
 import contextlib
@@ -20,9 +19,6 @@ import shutil
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -35,9 +31,15 @@ matplotlib.use('Agg')  # Headless.
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 
-from allconv_jax import input_pipeline, models, reporting, train
-from benchmarks import common as bench  # The machine description.
+from allconv_jax import (config as config_lib, files, input_pipeline, models,
+                         reporting, stopping, train)
+from allconv_jax.errors import UserError
 # pylint: enable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The benchmarks' description of the machine, loaded by path: neither folder
+# is a package.
+bench = config_lib.load_module(os.path.join(ROOT, 'benchmarks', 'common.py'))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'Output directory for results.md, the PNGs '
@@ -94,17 +96,14 @@ def today() -> str:
       '%Y-%m-%d %H:%M UTC')
 
 
+def config_module(name: str):
+  """``configs/<name>.py`` as a module (its ``get_config`` and constants)."""
+  return config_lib.load_module(os.path.join(ROOT, 'configs', f'{name}.py'))
+
+
 def read_json(path: str):
   with open(path) as f:
     return json.load(f)
-
-
-def write_json(path: str, data) -> None:
-  """Writes atomically: a marker of a finished run is never half written."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
 
 
 def load_run(workdir: str) -> dict | None:
@@ -136,21 +135,33 @@ def load_run(workdir: str) -> dict | None:
 def train_run(config, workdir: str) -> dict:
   """Trains (or resumes) one run to its end or its divergence.
 
-  A diverged run (`train.Diverged`) is a result, recorded in
-  ``diverged.json``; the wall time goes to ``runner.json``. Returns
-  `load_run`'s record.
+  A finished run (see `load_run`) is not touched. A diverged run
+  (`stopping.Diverged`) is a result, recorded in ``diverged.json``; the wall
+  time goes to ``runner.json``. Returns `load_run`'s record.
+
+  Raises:
+    UserError: the workdir holds a run of another config (a study re-run
+      with other flags into the same folder).
   """
+  saved = os.path.join(workdir, files.CONFIG)
+  if os.path.exists(saved) and (read_json(saved) !=
+                                json.loads(config.to_json_best_effort())):
+    raise UserError(f'workdir: {workdir} holds a run of another config; '
+                    'choose another --out/--workdir_root or delete it')
+  record = load_run(workdir)
+  if record is not None:
+    return record
   wait_for_lock()
   start = time.time()
   try:
     summary = train.train_and_evaluate(config, workdir)
     if not os.path.exists(os.path.join(workdir, 'summary.json')):
-      write_json(os.path.join(workdir, 'summary.json'), summary)
-  except train.Diverged as e:
+      files.write_json(os.path.join(workdir, 'summary.json'), summary)
+  except stopping.Diverged as e:
     os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, 'diverged.json'),
+    files.write_json(os.path.join(workdir, 'diverged.json'),
                dict(step=e.step, message=str(e), date=today()))
-  write_json(os.path.join(workdir, 'runner.json'),
+  files.write_json(os.path.join(workdir, 'runner.json'),
              dict(seconds=round(time.time() - start, 1), date=today()))
   return load_run(workdir)
 
@@ -209,19 +220,12 @@ def prune(workdir: str) -> None:
       os.remove(os.path.join(workdir, name))
 
 
-def duration(seconds: float) -> str:
-  """Seconds as h:mm:ss (hours unbounded, for a sweep's ETA)."""
-  minutes, seconds = divmod(round(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}:{minutes:02d}:{seconds:02d}'
-
-
 def parameter_count(config, num_classes: int) -> int:
   """Trainable parameters of the network a config describes (no compute)."""
   model = models.create(config.model, num_classes, width=config.width,
                         dropout=config.dropout, batch_norm=config.batch_norm)
   shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))['params'])
+      jax.random.key(0), np.zeros((1, *models.INPUT_SHAPE), np.float32))['params'])
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
 
 

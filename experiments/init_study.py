@@ -15,15 +15,9 @@ protocol and the outputs (``init_study.png``, ``results.md``,
       --steps=500 --eval_every=25 --out=experiments/results/init_study_digits
 """
 
-import os
-import sys
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batch_studies
 
 from absl import app, flags
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_alias('inits', 'variants')
 

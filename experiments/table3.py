@@ -9,7 +9,7 @@ stratified validation split held out of the training images. Per network,
 the rate with the highest mean final validation accuracy over the seeds is
 selected, and the final test error at that rate is reported as mean ± sample
 std over the seeds, beside the paper's number. Nothing is selected on the
-test split. Runs that diverged (`train.Diverged`) or never left chance
+test split. Runs that diverged (`stopping.Diverged`) or never left chance
 (final validation accuracy at most chance + `--chance_margin`) are counted;
 a diverged run counts as chance accuracy in the means of its rate.
 
@@ -40,17 +40,15 @@ import os
 import sys
 import time
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # Puts the repository root on sys.path.
+import common
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import ticker
 from absl import app, flags
 
-from allconv_jax import config as config_lib, datasets, models, stopping
+from allconv_jax import config as config_lib, datasets, models, reporting, stopping
 from allconv_jax.errors import UserError
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 PAPER_TEST_ERROR = config_lib.PAPER_TEST_ERROR  # CIFAR-10 test error (%).
 # 10% of CIFAR-10's training images, as is usual; 300 of the 1,347 digits
@@ -94,8 +92,7 @@ flags.DEFINE_string('compilation_cache', os.path.join(
 
 
 def label(network: str) -> str:
-  """'all_cnn_c' -> 'All-CNN-C'."""
-  variant, base = network.rsplit('_', 1)
+  variant, base = network.rsplit('_', 1)  # 'all_cnn_c' -> 'All-CNN-C'.
   return _PREFIX[variant] + base.upper()
 
 
@@ -134,8 +131,8 @@ def workdir_of(root: str, network: str, learning_rate: float, seed: int):
 def sweep(specs: list[tuple], root: str) -> list[dict]:
   """Trains every (network, rate, seed) not finished yet; returns all records.
 
-  Prints a line when a run starts and when it ends, with an estimate of the
-  time the sweep still needs (from the runs trained so far in this call).
+  Prints a line per run started and ended, with the sweep's ETA (from the
+  runs trained so far in this call).
   """
   finished = {s: common.load_run(workdir_of(root, *s)) for s in specs}
   todo = [spec for spec in specs if finished[spec] is None]
@@ -165,7 +162,7 @@ def sweep(specs: list[tuple], root: str) -> list[dict]:
                  f"{100 * summary['final_validation_accuracy']:.1f}%, "
                  f"test {100 * summary['final_test_accuracy']:.1f}%")
       print(f'[{index}/{len(todo)}] done {network} lr {lr:g} seed {seed} in '
-            f'{spent[-1]:.0f} s: {outcome}; sweep ETA {common.duration(eta)}',
+            f'{spent[-1]:.0f} s: {outcome}; sweep ETA {reporting.duration(eta)}',
             flush=True)
   return [dict(finished[spec], network=spec[0], learning_rate=spec[1],
                seed=spec[2], workdir=os.path.relpath(workdir_of(root, *spec),
@@ -284,9 +281,10 @@ def plot(runs: list[dict], selection: dict, chance: float, path: str,
     ax.axhline(100 * chance, color='grey', linestyle=':', linewidth=1)
     ax.set(title=label(network), xlabel='epoch',
            ylabel='validation acc. (%)', ylim=(0, 100))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-  for ax in list(axes.flat)[len(selection):]:
+  for ax in axes.flat[len(selection):]:
     ax.axis('off')
   common.save_figure(fig, path, title)
 
@@ -295,9 +293,8 @@ def write_gitignore(out: str) -> None:
   """Keeps each run's small text files; checkpoints and the rest stay out."""
   with open(os.path.join(out, '.gitignore'), 'w') as f:
     f.write('runs/*/*/*\n' + ''.join(
-        f'!runs/*/*/{name}\n' for name in (
-            'metrics.csv', 'summary.json', 'diverged.json', 'runner.json',
-            'config.json')))
+        f'!runs/*/*/{name}\n' for name in ('metrics.csv', 'summary.json',
+                                           'diverged.json', 'runner.json')))
 
 
 def main(argv):
@@ -385,7 +382,8 @@ def main(argv):
   write_gitignore(out)
   common.write_results(
       out, title=title, script='table3.py', setup=setup,
-      command_line=common.command('table3.py'),
+      # The command that trains the runs, even when this one only reports.
+      command_line=common.command('table3.py').replace(' --report_only', ''),
       tables=tables(selection, chance, FLAGS.chance_margin, FLAGS.dataset),
       images=['table3.png'],
       data=dict(selection={n: dict(s, grid={f'{lr:g}': c for lr, c in

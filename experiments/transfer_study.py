@@ -46,17 +46,16 @@ import math
 import os
 import sys
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # Puts the repository root on sys.path.
+import common
 
 import matplotlib.pyplot as plt
 from absl import app, flags
 
 from allconv_jax import datasets, stopping
 from allconv_jax.errors import UserError
-from configs import digits, transfer_cifar100
-# pylint: enable=g-import-not-at-top,wrong-import-position
+
+digits = common.config_module('digits')
+transfer_cifar100 = common.config_module('transfer_cifar100')
 
 SOURCE = {'digits': 'the other half of the digits (pretrained here per seed)',
           'cifar100': 'CIFAR-10 (--source_workdir)'}

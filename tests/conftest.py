@@ -42,10 +42,11 @@ TINY = ['--config=configs/digits.py', '--config.width=0.25',
         '--config.dataset.classes=0,1,2,3,4']
 
 
-def run_binary(*args, env=None, timeout=600):
-  """Runs `python -m allconv_jax.main ARGS` from the repo root."""
+def run_binary(*args, env=None, timeout=600, python=None):
+  """Runs `python -m allconv_jax.main ARGS` (or `python`) from the repo root."""
   full_env = dict(os.environ, **(env or {}))
-  return subprocess.run([sys.executable, '-m', 'allconv_jax.main', *args],
+  python = python or [sys.executable, '-m', 'allconv_jax.main']
+  return subprocess.run([*python, *args],
                         cwd=REPO, capture_output=True, text=True,
                         env=full_env, timeout=timeout)
 

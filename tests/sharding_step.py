@@ -98,7 +98,7 @@ def momentum(state):
 rng = np.random.default_rng(0)
 B = 2 * N
 per_device = np.repeat(np.arange(N, dtype=np.float32), B // N)[:, None, None, None]
-images = rng.standard_normal((B, 32, 32, 3)).astype(np.float32)
+images = rng.standard_normal((B, *models.INPUT_SHAPE)).astype(np.float32)
 images = (images * (1 + per_device) + per_device).astype(np.float32)
 labels = rng.integers(0, 10, B).astype(np.int32)
 

@@ -3,8 +3,6 @@
 import math
 import re
 import pathlib
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +10,11 @@ import pytest
 
 from allconv_jax import models
 
+# benchmarks/ is on pytest's path (pyproject.toml), as it is on a benchmark
+# script's own.
+import common  # pylint: disable=g-bad-import-order
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'
-sys.path.insert(0, str(BENCHMARKS))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _xla_flops(fn, *args) -> float:
@@ -27,10 +27,10 @@ def test_conv_flops_agree_with_xla_cost_analysis():
   # (4-8% of them here), so its count is a little lower, never higher.
   width, batch = 0.25, 2
   forward, train = common.conv_flops(width)
-  model = models.create('all_cnn_c', 10, width=width, conv_impl='native')
+  model = models.create('all_cnn_c', 10, width=width)  # XLA's own convolutions.
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  images = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *models.INPUT_SHAPE))))
+  images = jax.ShapeDtypeStruct((batch, *models.INPUT_SHAPE), jnp.float32)
   xla_forward = _xla_flops(model.apply, variables, images) / batch
   # Gradients with respect to the parameters only: no input gradient of the
   # first layer, as in a train step.
@@ -65,16 +65,10 @@ def test_stats():
   assert math.isclose(s['mean_images_per_s'], 300 / 5.5)
 
 
-def test_worker_answers_and_reports_failures(tmp_path):
-  script = tmp_path / 'worker.py'
-  script.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {str(BENCHMARKS)!r})
-      import common
-      print('noise the parent must skip')
-      common.serve(dict(add=lambda a, b: a + b, fail=lambda: 1 / 0))
-  """))
-  with common.Worker(str(script), env={'UNUSED_VARIABLE': None}) as worker:
+def test_worker_answers_and_reports_failures():
+  script = pathlib.Path(__file__).parent / 'benchmark_worker.py'
+  with common.Worker(str(script), env={'UNUSED_VARIABLE': None,
+                                       'PYTHONPATH': str(BENCHMARKS)}) as worker:
     assert worker.call('add', a=2, b=3) == 5
     with pytest.raises(RuntimeError, match='ZeroDivisionError'):
       worker.call('fail')
@@ -116,3 +110,32 @@ def test_all_cnn_c_convs_follow_the_network():
       ('conv7', 8, 192, 6), ('conv8', 6, 192, 6), ('classifier', 6, 192, 6)]
   # Each layer's output is the next one's input.
   assert all(out == nxt[1] for (*_, out, _), nxt in zip(convs, convs[1:]))
+
+
+def test_accelerator_benchmark_runs_tiny():
+  # The whole script at a tiny size, in its own process as it is run. On the
+  # CPU: on a GPU this pytest process may already hold most of its memory.
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/accelerator.py', '--width=0.125',
+       '--train_size=256', '--test_size=100', '--batch_size=32', '--steps=2',
+       '--epochs=2', '--preprocess=standardize', '--notorch'],
+      cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "device: 1 x cpu 'cpu'" in out
+  for header in ('## 1. library train step', '## 2. PyTorch',
+                 '## 3. full loop'):
+    assert header in out
+  assert re.search(r'^\| float32 +\| +\d+ \|', out, re.M)
+  assert re.search(r'^\| bfloat16 +\| +\d+ \|', out, re.M)
+  assert 'skipped (--notorch)' in out
+  assert 'preprocessing standardization' in out
+  assert re.search(r'^\| float32 \| loop: training only +\| +[\d.]+ \| +\d+ \|',
+                   out, re.M)
+  assert re.search(r'^(PASS|FAIL): float32', out, re.M)
+  assert re.search(r"^projected time of the paper's 350 epochs, float32: "
+                   r'\d+:\d\d:\d\d \(', out, re.M)

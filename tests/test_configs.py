@@ -8,6 +8,7 @@ and counted against the paper's Tables 1 and 2.
 import ast
 import os
 import pathlib
+import re
 import sys
 
 import jax
@@ -17,6 +18,7 @@ from absl import flags
 
 from allconv_jax import config as base
 from allconv_jax import models, trained
+from allconv_jax.errors import UserError
 from conftest import REPO
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -110,7 +112,7 @@ def _parse(capsys, *args):
 
 
 def _parameter_counts(model):
-  x = jnp.zeros((1, 32, 32, 3))
+  x = jnp.zeros((1, *models.INPUT_SHAPE))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))['params']
   names = models.conv_names(model.layers)
   return [sum(p.size for p in jax.tree.leaves(params[n])) for n in names]
@@ -193,3 +195,15 @@ def test_the_second_references_final_model(capsys):
   model = trained.create_model(config, 10)
   assert not model.input_dropout and not model.class_relu
   assert _parameter_counts(model) == KERAS_ALL_CNN_C
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('dataset.label', 'coarse', "dataset.label: 'coarse' is only for cifar100; allowed: fine"),
+    ('lsuv.max_iters', -1, 'lsuv.max_iters: must be a non-negative integer, got -1'),
+])
+def test_validate_names_the_field(field, value, message):
+  config = base.defaults()
+  config.init = 'lsuv'  # So that the LSUV fields are checked.
+  config.update_from_flattened_dict({field: value})
+  with pytest.raises(UserError, match=f'^{re.escape(message)}$'):
+    base.validate(config)

@@ -1,7 +1,9 @@
 """Tests of allconv_jax.datasets, CIFAR through the real tfds builders."""
 
 import dataclasses
+import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,11 +86,28 @@ def test_cifar10_round_trip(cifar10):
     np.testing.assert_array_equal(got_labels, want_labels)
 
 
-def test_prepared_cifar10_loads_without_archive(cifar10):
+def test_prepared_cifar10_loads_without_archive_and_without_tensorflow(cifar10):
+  # A fresh process: the arrays kept beside tfds' data need neither
+  # TensorFlow nor tfds, and hold what the preparation read.
   data_dir, _, ds = cifar10
-  again = datasets.load(_config('cifar10', data_dir=data_dir))
-  np.testing.assert_array_equal(again.train.images, ds.train.images)
-  np.testing.assert_array_equal(again.test.labels, ds.test.labels)
+  code = ('import hashlib, sys, ml_collections; from allconv_jax import datasets; '
+          f'ds = datasets.load(ml_collections.ConfigDict(dict(name="cifar10", data_dir={data_dir!r}))); '
+          'assert "tensorflow" not in sys.modules, "TF imported"; '
+          'assert "tensorflow_datasets" not in sys.modules, "tfds imported"; '
+          'print(hashlib.sha1(ds.train.images.tobytes() + ds.test.labels.tobytes()).hexdigest())')
+  out = subprocess.run([sys.executable, '-c', code], check=True,
+                       capture_output=True, text=True).stdout.strip()
+  assert out == hashlib.sha1(ds.train.images.tobytes() +
+                             ds.test.labels.tobytes()).hexdigest()
+
+
+def test_a_corrupt_prepared_copy_is_a_user_error(cifar10, tmp_path):
+  data_dir, _, _ = cifar10
+  copy = tmp_path / 'tfds'
+  shutil.copytree(data_dir, copy)
+  (copy / 'allconv_jax' / 'cifar10.npz').write_bytes(b'not an npz')
+  _raises(_config('cifar10', data_dir=str(copy)), 'dataset.data_dir: cannot read',
+          'delete it to prepare it again')
 
 
 @pytest.mark.parametrize('label', ['fine', 'coarse'])
@@ -209,9 +228,11 @@ def test_digits_does_not_import_tensorflow():
   subprocess.run([sys.executable, '-c', code], check=True)
 
 
-def _raises(config, *fragments):
-  with pytest.raises(UserError) as info:
+def _raises(config, *fragments, error=UserError):
+  with pytest.raises(error) as info:
     datasets.load(config)
+  # UserError is a ValueError too; only it is reported as the user's to fix.
+  assert (error is UserError) == isinstance(info.value, UserError)
   message = str(info.value)
   assert '\n' not in message
   for fragment in fragments:
@@ -220,19 +241,19 @@ def _raises(config, *fragments):
 
 
 def test_unknown_dataset():
+  # config.validate rejects it first: here it is a programming error.
   _raises(_config('foo'), "dataset.name: unknown dataset 'foo'",
-          'allowed: cifar10, cifar100, digits')
+          'allowed: cifar10, cifar100, digits', error=ValueError)
 
 
-@pytest.mark.parametrize('name', ['cifar10', 'digits'])
-def test_coarse_only_for_cifar100(name):
-  _raises(_config(name, label='coarse'),
-          "dataset.label: 'coarse' is only for cifar100; allowed: fine")
-
-
-def test_unknown_label():
-  _raises(_config('cifar100', label='medium'), 'dataset.label',
-          'allowed: fine, coarse')
+@pytest.mark.parametrize('name,label', [('cifar10', 'coarse'),
+                                        ('digits', 'coarse'),
+                                        ('cifar100', 'medium')])
+def test_label_that_does_not_fit(name, label):
+  # config.validate rejects it first (tests/test_configs.py): here it is a
+  # programming error.
+  _raises(_config(name, label=label), f'dataset.label: {label!r}',
+          error=ValueError)
 
 
 def test_bad_classes(cifar10):

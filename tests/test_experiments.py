@@ -13,60 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
-from conftest import REPO
+import numpy as np
+
+from allconv_jax import input_pipeline, reporting
+from conftest import REPO, snapshot
 
 TINY = ['--width=0.125', '--machine=test machine']
-
-# Runs experiments/table3.py in a subprocess with, optionally, the library's
-# training replaced (TABLE3_FAKE: "network rate seed" -> [final validation
-# accuracy, final test accuracy] or "diverge"; each call is appended to
-# TABLE3_LOG) or GCN + ZCA off (TABLE3_NO_ZCA: its 3072 x 3072
-# eigendecomposition takes up to a minute on 2 shared cores; the
-# preprocessing has its own tests).
-TABLE3_DRIVER = textwrap.dedent('''
-    import json, os, sys
-    sys.path.insert(0, 'experiments')
-    import table3
-    from absl import app
-    from allconv_jax import reporting, train
-
-    def fake_train_and_evaluate(config, workdir):
-      key = f'{config.model} {config.learning_rate:g} {config.seed}'
-      with open(os.environ['TABLE3_LOG'], 'a') as f:
-        f.write(key + '\\n')
-      outcome = json.loads(os.environ['TABLE3_FAKE'])[key]
-      os.makedirs(workdir, exist_ok=True)
-      if outcome == 'diverge':
-        raise train.Diverged(3, None)
-      validation, test = outcome
-      reporting.write_csv(os.path.join(workdir, 'metrics.csv'), [dict(
-          epoch=1, step=3, learning_rate=config.learning_rate, train_loss=1.0,
-          train_accuracy=0.5, validation_loss=1.0,
-          validation_accuracy=validation, test_loss=1.0, test_accuracy=test,
-          seconds=1.0)])
-      summary = dict(
-          selection='best_validation_accuracy', selected_epoch=1,
-          selected_step=3, selected_validation_accuracy=validation,
-          selected_test_accuracy=test, final_validation_accuracy=validation,
-          final_test_accuracy=test, epochs=1)
-      with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-        json.dump(summary, f)
-      return summary
-
-    if 'TABLE3_FAKE' in os.environ:
-      train.train_and_evaluate = fake_train_and_evaluate
-    if os.environ.get('TABLE3_NO_ZCA'):
-      make_config = table3.make_config
-      def without_zca(*args):
-        config = make_config(*args)
-        config.preprocess.gcn_zca = False
-        return config
-      table3.make_config = without_zca
-    sys.argv[0] = 'experiments/table3.py'
-    app.run(table3.main)
-''')
 
 
 def run_script(name, *args):
@@ -79,12 +32,12 @@ def run_script(name, *args):
 def run_table3(out, *args, **env):
   """table3.py on three digit classes, one epoch, into `out`."""
   result = subprocess.run(
-      [sys.executable, '-c', TABLE3_DRIVER, '--dataset=digits',
+      [sys.executable, 'tests/table3_driver.py', '--dataset=digits',
        '--classes=0,1,2', '--validation_size=30', '--width=0.1', '--epochs=1',
        '--machine=test machine', '--compilation_cache=', f'--out={out}',
        *args],
       cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, **env))
+      env=dict(os.environ, PYTHONPATH='experiments', **env))
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -196,25 +149,50 @@ def test_transfer_study(tmp_path):
       scratch['dataset']['validation_size'])
   saved = json.loads((out / 'results.json').read_text())
   assert [c['arm'] for c in saved['cells']] == ['transfer', 'scratch']
+  # The same command again trains nothing: every run is finished.
+  before = snapshot(seed)
+  run_script('transfer_study.py', '--dataset=digits', '--epochs=1',
+             '--pretrain_epochs=1', '--subsets=subset2', '--seeds=0',
+             '--learning_rates=0.0025', f'--out={out}', f'--workdir_root={runs}')
+  assert snapshot(seed) == before
 
 
 def test_batch_study(tmp_path):
   # Both kinds of input of the augmentation study: pixels scaled to [0, 1]
   # and normalized ones. He uniform instead of LSUV saves compiling LSUV.
-  out = tmp_path / 'out'
-  run_script('batch_studies.py', '--study=augmentation', '--dataset=digits',
-             '--variants=none,shift_flip_norm', '--init=he_uniform',
-             '--steps=4', '--eval_every=2', '--eval_examples=100',
-             f'--out={out}')
+  # Each run is the library's, in a workdir of its own.
+  out, runs = tmp_path / 'out', tmp_path / 'runs'
+  args = ['--study=augmentation', '--dataset=digits',
+          '--variants=none,shift_flip_norm', '--init=he_uniform', '--steps=5',
+          '--eval_every=2', f'--out={out}', f'--workdir_root={runs}']
+  run_script('batch_studies.py', *args)
   assert (out / 'augmentation.png').stat().st_size > 0
   saved = json.loads((out / 'results.json').read_text())
   assert [(run['variant'], run['seed']) for run in saved['runs']] == [
       ('none', 0), ('shift_flip_norm', 0)]
   for run in saved['runs']:
-    assert [p['step'] for p in run['curve']] == [0, 2, 4]
+    # Every --eval_every steps and at the last step.
+    assert [p['step'] for p in run['curve']] == [2, 4, 5]
   rows = table_rows((out / 'results.md').read_text())
   assert [r[0] for r in rows[1:]] == [
       'none (inputs in [0, 1])', 'shift + flip + normalization']
+  # The runs' own files: the library's metrics, with pixels in [0, 1] where
+  # the study has no normalization.
+  none = runs / 'none' / 'seed0'
+  assert [r['step'] for r in reporting.read_csv(none / 'metrics.csv')] == [2, 4, 5]
+  assert json.loads((none / 'summary.json').read_text())['steps'] == 5
+  preprocessor = input_pipeline.Preprocessor.load(none / 'preprocess.npz')
+  assert preprocessor(np.full((1, 32, 32, 3), 255, np.uint8)).max() == 1.0
+  # Again: nothing is trained; with other flags, a one-line error.
+  before = snapshot(runs)
+  run_script('batch_studies.py', *args)
+  assert snapshot(runs) == before
+  result = subprocess.run(
+      [sys.executable, 'experiments/batch_studies.py', *TINY, *args,
+       '--steps=6'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f'error: workdir: {none} holds a run of another config')
 
 
 def test_batch_study_reports_mean_and_std_over_seeds(tmp_path):

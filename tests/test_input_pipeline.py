@@ -175,3 +175,10 @@ def test_sgd_is_the_papers():
   updates, state = tx.update(grads, state, params)
   # First step: -lr * (grad + weight_decay * w).
   np.testing.assert_allclose(updates['w'], -0.01 * (2.0 + 0.001), rtol=1e-6)
+
+
+def test_without_preprocessing_pixels_are_scaled_to_unit_range():
+  images = np.array([0, 51, 255], np.uint8).reshape(1, 1, 3, 1).repeat(3, -1)
+  pre = input_pipeline.Preprocessor.fit(images, standardize=False, gcn_zca=False)
+  np.testing.assert_array_equal(pre(images).ravel(),
+                                np.repeat(np.float32([0, 0.2, 1]), 3))

@@ -1,12 +1,17 @@
 """Architecture tests: parameter counts, shapes, names, padding and dropout."""
 
+import dataclasses
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from allconv_jax import models
+from allconv_jax import conv, models, onednn
+from allconv_jax.errors import UserError
 
 # Counts for CIFAR-10 (10 classes), float32, no batch norm, all with biases.
 # All-CNN-C's 1,369,738 is also the Keras summary of the second reference.
@@ -27,7 +32,7 @@ PARAM_COUNTS = {
 
 
 def _shapes(model, batch=2):
-  x = jnp.zeros((batch, 32, 32, 3))
+  x = jnp.zeros((batch, *models.INPUT_SHAPE))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
   out = jax.eval_shape(lambda v: model.apply(v, x), variables)
   return variables, out
@@ -53,15 +58,47 @@ def test_layers_are_named_in_order(name):
   variables, _ = _shapes(models.create(name, 10))
   expected = {f'conv{i}' for i in range(1, num_convs)} | {'classifier'}
   assert set(variables['params']) == expected
+  assert set(models.conv_names(layers)) == expected
+  variables, _ = _shapes(models.create(name, 10, batch_norm=True))
+  bns = {f'bn{i}' for i in range(1, num_convs)}
+  assert set(variables['params']) == expected | bns
+  assert set(variables['batch_stats']) == bns
+
+
+def test_the_spec_names_every_layer_with_a_name():
+  # Checkpoints, LSUV and transfer patterns address layers by these names.
+  layers = models.architecture('all_cnn_c', 10)
+  assert [getattr(l, 'name', None) for l in layers] == [
+      'dropout0', 'conv1', 'conv2', 'conv3', 'dropout1', 'conv4', 'conv5',
+      'conv6', 'dropout2', 'conv7', 'conv8', 'classifier']
+  convs = [l for l in layers if isinstance(l, models.Conv)]
+  assert [l.bn for l in convs] == [f'bn{i}' for i in range(1, 9)] + [None]
+  assert [l.on_input for l in layers if isinstance(l, models.Drop)] == [
+      True, False, False]
+  pooled = models.architecture('model_b', 10)
+  assert models.conv_names(pooled) == [
+      'conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'conv6', 'classifier']
+  assert sum(isinstance(l, models.Pool) for l in pooled) == 2
+
+
+def test_the_module_takes_its_names_from_the_spec():
+  # A renamed spec renames the parameters: nothing re-derives them.
+  layers = tuple(dataclasses.replace(l, name=f'my_{l.name}', bn=f'my_{l.bn}')
+                 if isinstance(l, models.Conv) and l.bn else l
+                 for l in models.architecture('model_a', 10, 0.125))
+  variables, _ = _shapes(models.AllConvNet(layers=layers, batch_norm=True))
+  assert set(variables['params']) == {
+      'my_conv1', 'my_bn1', 'my_conv2', 'my_bn2', 'my_conv3', 'my_bn3',
+      'my_conv4', 'my_bn4', 'classifier'}
 
 
 def test_spatial_sizes_follow_the_paper():
   # 32 -> 16 -> 8 -> 6 for pooled, strided and all-conv networks alike.
   for name in ('model_a', 'strided_cnn_b', 'all_cnn_c', 'convpool_cnn_c'):
     model = models.create(name, 10)
-    _, state = model.apply(
-        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))),
-        jnp.zeros((1, 32, 32, 3)), capture_intermediates=True, mutable=['intermediates'])
+    x = jnp.zeros((1, *models.INPUT_SHAPE))
+    _, state = model.apply(model.init(jax.random.key(0), x), x,
+                           capture_intermediates=True, mutable=['intermediates'])
     out = state['intermediates']['classifier']['__call__'][0]
     assert out.shape == (1, 6, 6, 10), name
 
@@ -90,7 +127,7 @@ def test_options_num_classes_batch_norm_dtype():
 
 def test_dropout_is_active_only_in_training():
   model = models.create('all_cnn_c', 10, width=0.25)
-  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  x = jax.random.normal(jax.random.key(1), (4, *models.INPUT_SHAPE))
   v = model.init(jax.random.key(0), x)
   assert jnp.array_equal(model.apply(v, x), model.apply(v, x))
   a = model.apply(v, x, train=True, rngs={'dropout': jax.random.key(2)})
@@ -101,7 +138,7 @@ def test_dropout_is_active_only_in_training():
 
 
 def test_initializers():
-  x = jnp.zeros((1, 32, 32, 3))
+  x = jnp.zeros((1, *models.INPUT_SHAPE))
   for init in ('he_uniform', 'glorot_normal', 'gaussian', 'orthogonal', 'lsuv'):
     v = models.create('model_a', 10, init=init).init(jax.random.key(0), x)
     kernel = v['params']['conv2']['kernel']
@@ -114,10 +151,29 @@ def test_initializers():
 
 
 def test_unknown_name_lists_the_valid_ones():
-  with pytest.raises(ValueError, match='allowed: model_a, model_b'):
-    models.create('all_cnn_d')
-  with pytest.raises(ValueError, match='init: .*he_uniform'):
-    models.create('all_cnn_c', init='xavier')
+  # ValueErrors, not UserErrors: config.validate checks a config's values
+  # before they get here, so these are programming errors.
+  cases = [(dict(name='all_cnn_d'), 'allowed: model_a, model_b'),
+           (dict(init='xavier'), 'init: .*he_uniform'),
+           (dict(dtype='float16'), 'dtype: .*float32, bfloat16'),
+           (dict(width=0), 'width: must be positive'),
+           (dict(num_classes=0), 'num_classes: must be a positive integer')]
+  for kwargs, message in cases:
+    with pytest.raises(ValueError, match=message) as error:
+      models.create(**{'name': 'all_cnn_c', **kwargs})
+    assert not isinstance(error.value, UserError), kwargs
+
+
+def test_building_and_running_a_model_never_builds_onednn(monkeypatch):
+  def build():
+    raise AssertionError('models built the oneDNN extension')
+  monkeypatch.setattr(onednn, 'unavailable_reason', build)
+  _shapes(models.create('all_cnn_c', 10, width=0.125))
+  # Nor does importing models import the module that builds it.
+  code = 'import sys, allconv_jax.models; print("allconv_jax.onednn" in sys.modules)'
+  out = subprocess.run([sys.executable, '-c', code], check=True,
+                       capture_output=True, text=True).stdout
+  assert out.strip() == 'False'
 
 
 def test_summary_table_lists_layers_and_total():
@@ -153,13 +209,12 @@ def _caffe_pool(x):
 
 def _reference(layers, params, x):
   """The network with explicit pads: (logits, {conv: its pre-ReLU output})."""
-  names = iter(models.conv_names(layers))
   outputs = {}
   for layer in layers:
     if isinstance(layer, models.Pool):
       x = _caffe_pool(x)
     elif isinstance(layer, models.Conv):
-      name = next(names)
+      name = layer.name
       p = 0 if layer.padding == 'VALID' else CAFFE_PAD[layer.kernel]
       y = lax.conv_general_dilated(
           x, params[name]['kernel'], (layer.stride, layer.stride),
@@ -173,11 +228,10 @@ def _reference(layers, params, x):
 def _random_params(layers, seed):
   """Kernels of unit gain and non-zero biases, so every tap and bias counts."""
   rng = np.random.default_rng(seed)
-  params, channels = {}, 3
-  for name, layer in zip(models.conv_names(layers),
-                         [l for l in layers if isinstance(l, models.Conv)]):
+  params, channels = {}, models.INPUT_SHAPE[-1]
+  for layer in (l for l in layers if isinstance(l, models.Conv)):
     k, c = layer.kernel, layer.features
-    params[name] = {
+    params[layer.name] = {
         'kernel': jnp.asarray(rng.standard_normal((k, k, channels, c))
                               / np.sqrt(k * k * channels), jnp.float32),
         'bias': jnp.asarray(0.1 * rng.standard_normal(c), jnp.float32)}
@@ -203,12 +257,13 @@ def _assert_close(actual, expected, what):
 def test_convs_pad_as_caffe_forward_and_gradients(name):
   layers = models.architecture(name, 10, WIDTH)
   params = _random_params(layers, seed=len(name))
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)),
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, *models.INPUT_SHAPE)),
                   jnp.float32)
   (_, expected), grads = _loss_and_grads(
       lambda p, x: _reference(layers, p, x), params, x)
   for impl in IMPLS:
-    model = models.create(name, 10, width=WIDTH, conv_impl=impl)
+    model = models.create(name, 10, width=WIDTH,
+                          conv=conv.conv_general_dilated(impl))
 
     def apply(p, x):
       logits, state = model.apply({'params': p}, x, capture_intermediates=True,
@@ -232,7 +287,7 @@ def test_first_strided_conv_is_centred_on_the_pixel():
   # would take rows and columns 2i..2i+2 instead.
   model = models.create('all_cnn_c', 10, width=WIDTH)
   params = _random_params(models.architecture('all_cnn_c', 10, WIDTH), seed=3)
-  x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 32, 32, 3)),
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((1, *models.INPUT_SHAPE)),
                   jnp.float32)
 
   @jax.jit
@@ -260,7 +315,7 @@ def test_first_strided_conv_is_centred_on_the_pixel():
 
 def test_pads_are_explicit_and_keep_the_sizes():
   for name in models.NAMES:
-    size, sizes = 32, []
+    size, sizes = models.INPUT_SHAPE[0], []
     for layer in models.architecture(name, 10):
       if isinstance(layer, models.Pool):
         size = -(-(size - 3) // 2) + 1  # Caffe's rounding up.
@@ -288,7 +343,7 @@ def _dropouts_that_run(model, variables, x):
 def test_input_dropout_can_be_switched_off():
   layers = models.architecture('all_cnn_c', 10, WIDTH)
   variables = {'params': _random_params(layers, seed=4)}
-  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 32, 32, 3)),
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, *models.INPUT_SHAPE)),
                   jnp.float32)
   off = models.create('all_cnn_c', 10, width=WIDTH, input_dropout=False)
   on = models.create('all_cnn_c', 10, width=WIDTH)
@@ -300,7 +355,8 @@ def test_input_dropout_can_be_switched_off():
       'all_cnn_c', 10, width=WIDTH, dropout=False), variables, x) == []
   # The same network with a 0% input dropout: each dropout's mask comes from
   # its own name, so the hidden ones drop the same units as in `off`.
-  zero = models.AllConvNet(layers=(models.Drop(0.0), *layers[1:]))
+  zero = models.AllConvNet(
+      layers=(dataclasses.replace(layers[0], rate=0.0), *layers[1:]))
 
   @jax.jit
   def run(variables, x):

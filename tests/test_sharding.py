@@ -95,7 +95,10 @@ def test_train_on_4_devices_then_resume_on_1(tmp_path):
   # All the training digits (no validation split): the accuracy bounds below
   # were set for the 21 steps of that epoch.
   args = (*TINY, f'--workdir={workdir}', '--config.dataset.validation_size=0')
-  first = run_binary(*args, '--config.num_epochs=1', env=_env(DEVICES))
+  # Several steps per call on 4 devices: each gathers its slice of every
+  # batch from the training split kept on the devices.
+  first = run_binary(*args, '--config.num_epochs=1', '--config.steps_per_dispatch=8',
+                     env=_env(DEVICES))
   assert first.returncode == 0, first.stderr[-3000:]
   assert f'{DEVICES} device(s)' in first.stderr
   first_rows = _rows(workdir)

@@ -3,6 +3,9 @@
 import csv
 import json
 import os
+import pathlib
+import signal
+import sys
 
 import numpy as np
 import pytest
@@ -14,9 +17,20 @@ from conftest import TINY, load_config, run_binary, run_main, snapshot
 def trained(tmp_path_factory):
   """A tiny All-CNN-C trained for two epochs on digits by the real binary."""
   workdir = tmp_path_factory.mktemp('run') / 'wd'
-  result = run_binary(*TINY, f'--workdir={workdir}', '--config.num_epochs=2')
+  # Python lists every module it imports on stderr (-X importtime).
+  result = run_binary(*TINY, f'--workdir={workdir}', '--config.num_epochs=2',
+                      env={'PYTHONPROFILEIMPORTTIME': '1'})
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result
+
+
+def test_training_imports_neither_tensorflow_nor_tfds(trained):
+  _, result = trained
+  imported = {line.rsplit('|', 1)[-1].strip()
+              for line in result.stderr.splitlines()
+              if line.startswith('import time:')}
+  assert 'jax' in imported and 'tensorboard.summary.writer.record_writer' in imported
+  assert 'tensorflow' not in imported and 'tensorflow_datasets' not in imported
 
 
 def _rows(workdir):
@@ -41,13 +55,24 @@ def test_training_writes_every_output_and_learns(trained):
   assert summary['selected_test_accuracy'] == pytest.approx(float(best['test_accuracy']))
   assert summary['final_test_accuracy'] == pytest.approx(float(rows[-1]['test_accuracy']))
   assert 'best_test_accuracy' not in summary
+  # Per-class results of the final state on the test split.
+  final = json.loads((workdir / 'confusion.json').read_text())
+  assert (final['split'], final['step']) == ('test', int(rows[-1]['step']))
+  assert final['accuracy'] == pytest.approx(float(rows[-1]['test_accuracy']), abs=1e-6)
   # Five classes: chance is 20%.
   assert summary['selected_test_accuracy'] > 0.6
   assert 'classifier' in result.stdout and 'Total Parameters' in result.stdout
   assert 'ETA' in result.stderr and 'val loss' in result.stderr
-  for name in ('curves.png', 'preprocess.npz', 'config.json'):
+  for name in ('curves.png', 'preprocess.npz', 'config.json', 'confusion.csv',
+               'confusion.png'):
     assert (workdir / name).is_file(), name
-  assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
+  # TensorBoard reads the event file: the CSV's test accuracy at each step.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events, = [n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]
+  accumulator = event_accumulator.EventAccumulator(str(workdir / events))
+  accumulator.Reload()
+  assert [(e.step, round(e.value, 6)) for e in accumulator.Scalars('test_accuracy')] == [
+      (int(r['step']), round(float(r['test_accuracy']), 6)) for r in rows]
   assert os.listdir(workdir / 'checkpoints' / 'latest')
   assert os.listdir(workdir / 'checkpoints' / 'best')
 
@@ -57,7 +82,8 @@ def test_eval_mode_reports_the_checkpoint_selected_on_validation(trained):
   result = run_binary(*TINY, f'--workdir={workdir}', '--mode=eval')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
-  assert set(report) == {'test_accuracy', 'test_loss', 'step'}
+  assert set(report) == {'test_accuracy', 'test_loss', 'step', 'per_class_accuracy',
+                         'most_confused'}
   best = max(_rows(workdir), key=lambda r: float(r['validation_accuracy']))
   assert report['test_accuracy'] == pytest.approx(float(best['test_accuracy']), abs=1e-6)
   assert report['step'] == int(best['step'])
@@ -73,6 +99,27 @@ def test_resume_continues_without_repeating_epochs(tmp_path):
   assert [int(r['epoch']) for r in _rows(workdir)] == [1, 2]
   steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints' / 'latest'))
   assert steps[-1] == int(_rows(workdir)[-1]['step'])
+
+
+def test_several_steps_per_call_give_the_same_run_and_resume_exactly(trained, tmp_path):
+  # Five steps per call (14 per epoch: calls of 5, 5, 4) against the plain
+  # one step per call of `trained`; then stopped by SIGTERM when the first
+  # call ends and resumed. On this CPU all three are bit for bit the same.
+  numbers = lambda workdir: [{k: v for k, v in r.items() if k != 'seconds'}
+                             for r in _rows(workdir)]
+  chunked, stopped = tmp_path / 'chunked', tmp_path / 'stopped'
+  args = [*TINY, '--config.num_epochs=2', '--config.steps_per_dispatch=5']
+  result = run_binary(*args, f'--workdir={chunked}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert numbers(chunked) == numbers(trained[0])
+  signal_at = [sys.executable, str(pathlib.Path(__file__).parent / 'signal_at_step.py')]
+  first = run_binary(*args, f'--workdir={stopped}', env={'SIGNAL_AT_STEP': '5'},
+                     python=signal_at)
+  assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+  assert os.listdir(stopped / 'checkpoints' / 'latest') == ['5']
+  second = run_binary(*args, f'--workdir={stopped}')
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert numbers(stopped) == numbers(chunked)
 
 
 def _bad_inputs(tmp_path, trained_workdir):

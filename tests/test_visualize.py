@@ -43,8 +43,8 @@ def test_saliency_relu_is_the_ordinary_gradient():
 @pytest.fixture(scope='module')
 def tiny():
   model = models.create('all_cnn_c', 5, width=0.25, batch_norm=True)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, *models.INPUT_SHAPE)))
+  images = jax.random.normal(jax.random.key(1), (3, *models.INPUT_SHAPE))
   return model, variables, images
 
 
