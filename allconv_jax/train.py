@@ -214,6 +214,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_writer = jax.process_index() == 0
   with files.lock(workdir) if is_writer else contextlib.nullcontext():
     start = initial_state(run)
+    splits = {name: (start.preprocessor(split.images), split.labels)
+              for name, split in (('train', run.data.train),
+                                  ('validation', run.data.validation),
+                                  ('test', run.data.test)) if split is not None}
+    # On the devices before anything is written: it may not fit.
+    images, labels = steps.resident(run.mesh, *splits['train'])
     record = _Record(run, start.resumed, is_writer)
     if is_writer and start.resumed is None:
       start.preprocessor.save(os.path.join(workdir, files.PREPROCESS))
@@ -221,10 +227,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        config.to_json_best_effort(indent=2))
       if start.lsuv_report:
         start.lsuv_report.save(os.path.join(workdir, files.LSUV_REPORT))
-    splits = {name: (start.preprocessor(split.images), split.labels)
-              for name, split in (('train', run.data.train),
-                                  ('validation', run.data.validation),
-                                  ('test', run.data.test)) if split is not None}
     logging.info('%s on %s (%s), %d device(s)', config.model, config.dataset.name,
                  ', '.join(f'{len(l)} {n}' for n, (_, l) in splits.items()),
                  jax.device_count())
@@ -237,7 +239,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
         flip=config.augment.flip)
     eval_step = steps.make_eval_step(run.model, run.mesh)
-    images, labels = steps.resident(run.mesh, *splits['train'])
     state, train_metrics, step = start.state, start.train_metrics, int(start.state.step)
     local = sharding.local_slice(config.batch_size)
     every = config.eval_every_steps or run.batches.steps_per_epoch

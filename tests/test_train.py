@@ -7,9 +7,12 @@ import pathlib
 import signal
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from allconv_jax import sharding, steps
+from allconv_jax.errors import UserError
 from conftest import TINY, load_config, run_binary, run_main, snapshot
 
 
@@ -272,3 +275,20 @@ def test_a_workdir_that_is_a_file_or_in_use_is_a_one_line_error(tmp_path, capsys
   # Released on exit: a lock file left behind is no obstacle.
   with files.lock(str(workdir)):
     pass
+
+
+def test_a_training_split_too_large_for_the_device_is_a_one_line_error(monkeypatch):
+  # CPUs report no memory limit; a GPU's is stood in for.
+
+  class Device:
+    def memory_stats(self):
+      return {'bytes_limit': 2**30}
+
+  mesh = sharding.make_mesh()
+  monkeypatch.setattr(jax, 'local_devices', lambda: [Device()])
+  images = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32),
+                                           (50000, 32, 32, 3), (0, 0, 0, 0))
+  with pytest.raises(UserError, match=r'^dataset: the preprocessed training '
+                     r'split takes 0\.6 GiB on each device, more than half of '
+                     r'its 1\.0 GiB'):
+    steps.resident(mesh, images, np.zeros(50000, np.int32))
