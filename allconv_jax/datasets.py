@@ -218,7 +218,7 @@ def _load_digits() -> tuple[Split, Split, tuple[str, ...]]:
   x_train, x_test, y_train, y_test = sklearn.model_selection.train_test_split(
       images, labels, test_size=0.25, stratify=labels, random_state=0
   )
-  class_names = tuple(str(i) for i in range(10))
+  class_names = _CLASS_NAMES['digits', 'fine']
   return Split(x_train, y_train), Split(x_test, y_test), class_names
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from allconv_jax import config as config_lib
-from allconv_jax import datasets, files, models, trained
+from allconv_jax import datasets, files, input_pipeline, models, trained
 from allconv_jax.errors import UserError
 
 # Pillow's bilinear filter; when shrinking, Pillow widens its support by the
@@ -165,13 +165,8 @@ def classify(run: trained.Trained, images: np.ndarray,
   apply = jax.jit(lambda variables, x: jax.nn.softmax(
       run.model.apply(variables, x, train=False).astype(np.float32), axis=-1))
   x = run.preprocessor(images)
-  size = min(batch_size, len(x))
-  out = []
-  for start in range(0, len(x), size):
-    batch = x[start:start + size]
-    padded = np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]),
-                                             batch.dtype)])
-    out.append(np.asarray(apply(run.variables, padded))[:len(batch)])
+  out = [np.asarray(apply(run.variables, x[idx]))[mask > 0] for idx, mask in
+         input_pipeline.eval_batches(len(x), min(batch_size, len(x)))]
   return np.concatenate(out)
 
 
