@@ -11,10 +11,11 @@
                    counts written in the cells up to 20 classes
 
 and returns the part of it that goes into a one-line JSON report.
-``--mode=eval`` (`trained.evaluate_checkpoint`) calls it on the test split:
+The counts come from the eval step (`steps.Confusion`), which counts them on
+the device beside loss and accuracy. ``--mode=eval``
+(`trained.evaluate_checkpoint`) and the end of training call:
 
-    result.update(confusion.write(workdir, labels, predictions,
-                                  data.class_names, 'test', step))
+    result.update(confusion.write(workdir, counts, data.class_names, 'test', step))
 """
 
 from __future__ import annotations
@@ -32,27 +33,6 @@ from allconv_jax import files
 
 # Beyond this many classes the cells are too small for their counts.
 MAX_ANNOTATED_CLASSES = 20
-
-
-def matrix(labels: np.ndarray, predictions: np.ndarray,
-           num_classes: int) -> np.ndarray:
-  """The (num_classes, num_classes) int64 confusion matrix.
-
-  Raises:
-    ValueError: `labels` and `predictions` differ in shape, or hold a class
-      outside ``0..num_classes-1``.
-  """
-  labels, predictions = np.asarray(labels), np.asarray(predictions)
-  if labels.shape != predictions.shape or labels.ndim != 1:
-    raise ValueError(f'labels {labels.shape} and predictions '
-                     f'{predictions.shape} must be equal 1-D shapes')
-  for name, x in (('labels', labels), ('predictions', predictions)):
-    if x.size and not 0 <= x.min() <= x.max() < num_classes:
-      raise ValueError(f'{name} must lie in 0..{num_classes - 1}')
-  # One bincount over the flat (true, predicted) cell index.
-  flat = labels.astype(np.int64) * num_classes + predictions
-  return np.bincount(flat, minlength=num_classes**2).reshape(
-      num_classes, num_classes)
 
 
 def per_class_accuracy(counts: np.ndarray) -> list[float | None]:
@@ -90,14 +70,13 @@ def report(counts: np.ndarray, class_names: Sequence[str]) -> dict:
       most_confused=[[names[t], names[p], n] for t, p, n in most_confused(counts)])
 
 
-def write(workdir: str, labels: np.ndarray, predictions: np.ndarray,
-          class_names: Sequence[str], split: str, step: int) -> dict:
+def write(workdir: str, counts: np.ndarray, class_names: Sequence[str],
+          split: str, step: int) -> dict:
   """Writes confusion.csv, .json and .png of a split into `workdir`.
 
   Args:
     workdir: the run's directory (it exists).
-    labels: the split's true classes, (N,) ints.
-    predictions: the predicted classes of the same images, in the same order.
+    counts: the (classes, classes) confusion matrix of the split.
     class_names: the name of each class, in label order.
     split: which split it is ('test', 'validation'), recorded in the files.
     step: the step of the checkpoint that predicted, recorded in the files.
@@ -106,7 +85,7 @@ def write(workdir: str, labels: np.ndarray, predictions: np.ndarray,
     `report` of the matrix, to be merged into the caller's JSON line.
   """
   names = [str(n) for n in class_names]
-  counts = matrix(labels, predictions, len(names))
+  counts = np.asarray(counts, np.int64)
   result = report(counts, names)
   total = int(counts.sum())
   accuracy = float(np.trace(counts) / total) if total else None

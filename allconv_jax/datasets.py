@@ -15,10 +15,12 @@ import numbers
 import os
 import socket
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 
 import numpy as np
+from absl import logging
 
 from allconv_jax import files
 from allconv_jax.errors import UserError
@@ -232,9 +234,13 @@ def _load_cifar(
       '~/tensorflow_datasets')  # tfds' own default.
   cache = os.path.join(data_dir, 'allconv_jax', f'{name}.npz')
   if not os.path.exists(cache):
+    logging.info('Preparing %s with tensorflow-datasets, once (tfds shows its '
+                 'progress); later runs read %s', name, cache)
+    start = time.monotonic()
     arrays = _prepare_cifar(name, data_dir, archive)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     files.atomic_write(cache, lambda tmp: np.savez(tmp, **arrays))
+    logging.info('Prepared %s in %.0f s', name, time.monotonic() - start)
   feature = 'coarse_label' if label == 'coarse' else 'label'
   try:
     with np.load(cache) as f:

@@ -7,11 +7,13 @@ Layout of ``<workdir>/``:
   checkpoints/corrupt/         unreadable checkpoints, moved aside on resume
   preprocess.npz               the input transform fitted on the training split
   config.json                  the config the run started with
+  model_summary.txt            the network's full layer table (nn.tabulate)
   metrics.csv, curves.png      one row / point per epoch
   summary.json                 what the run reports, once it is complete
   lsuv_report.json             what LSUV did (init='lsuv')
   confusion.csv, .json, .png   confusion matrix and per-class accuracy
-                               (written by --mode=eval)
+                               (of the test split, at the end of training
+                               and by --mode=eval)
   events.out.tfevents.*        TensorBoard scalars
   visualizations/              written by --mode=visualize
   predictions.csv              written by --mode=predict
@@ -36,6 +38,7 @@ from allconv_jax.errors import UserError
 CHECKPOINTS = 'checkpoints'
 PREPROCESS = 'preprocess.npz'
 CONFIG = 'config.json'
+MODEL_SUMMARY = 'model_summary.txt'
 METRICS = 'metrics.csv'
 CURVES = 'curves.png'
 SUMMARY = 'summary.json'

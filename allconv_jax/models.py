@@ -304,13 +304,50 @@ def create(name: str, num_classes: int = 10, *, width: float = 1.0,
       conv=conv)
 
 
-def summary(model: nn.Module, image_shape=INPUT_SHAPE) -> str:
-  """Returns a Keras-style table of layers, output shapes and parameters.
+def summary(model: AllConvNet, image_shape=INPUT_SHAPE, full: bool = False) -> str:
+  """Returns a Keras-style table of the layers, output shapes and parameters.
 
   Args:
-    model: e.g. an `AllConvNet`.
+    model: an `AllConvNet`.
     image_shape: (height, width, channels) of one input image.
+    full: flax's `nn.tabulate` table (inputs, outputs and every variable of
+      every module, ~100 lines) instead of one line per layer.
   """
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  return nn.tabulate(model, jax.random.key(0), depth=1,
-                     console_kwargs={'width': 120, 'force_terminal': False})(x)
+  if full:
+    return nn.tabulate(model, jax.random.key(0), depth=1,
+                       console_kwargs={'width': 120, 'force_terminal': False})(x)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  _, captured = jax.eval_shape(lambda v: model.apply(
+      v, x, capture_intermediates=True, mutable=['intermediates']), variables)
+  outputs = captured['intermediates']
+  count = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
+  params = variables['params']
+  shape = x.shape
+  rows = [('layer', 'type', 'output', 'parameters')]
+  for layer in model.layers:
+    if isinstance(layer, Pool):
+      shape = jax.eval_shape(
+          lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding='SAME'),
+          jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+      rows.append(('pool', 'max-pool 3x3/2', shape, 0))
+    elif layer.name in outputs:  # Dropout that is on, or a convolution.
+      shape = outputs[layer.name]['__call__'][0].shape
+      if isinstance(layer, Drop):
+        rows.append((layer.name, f'dropout {layer.rate:.0%}', shape, 0))
+        continue
+      kind = f'conv {layer.kernel}x{layer.kernel}/{layer.stride}'
+      n = count(params[layer.name])
+      if layer.bn in params:
+        kind, n = kind + ' + batch norm', n + count(params[layer.bn])
+      rows.append((layer.name, kind, shape, n))
+  rows.append(('', 'global average', (1, shape[-1]), 0))
+  total = count(params)
+  lines = [f'{name:<12}{kind:<28}{"x".join(map(str, out[1:])):>12}{n:>14,}'
+           if i else f'{name:<12}{kind:<28}{out:>12}{n:>14}'
+           for i, (name, kind, out, n) in enumerate(rows)]
+  stats = count(variables.get('batch_stats', {}))
+  lines.append(f'{model.__class__.__name__}: {total:,} parameters '
+               f'({total * 4 / 2**20:.1f} MiB in float32)'
+               + (f' and {stats:,} batch-norm statistics' if stats else ''))
+  return '\n'.join(lines)

@@ -9,6 +9,7 @@ import csv
 import math
 import os
 import socket
+import sys
 import time
 
 from absl import logging
@@ -19,7 +20,9 @@ from matplotlib.figure import Figure
 
 from allconv_jax import files
 
-# The validation columns are nan for a run without a validation split.
+# The validation columns are nan for a run without a validation split. Runs
+# with ema_decay or eval_flip have more (ema_*, *_flip_accuracy), before
+# 'seconds'.
 COLUMNS = ('epoch', 'step', 'learning_rate', 'train_loss', 'train_accuracy',
            'validation_loss', 'validation_accuracy', 'test_loss',
            'test_accuracy', 'seconds')
@@ -45,12 +48,15 @@ def epoch_of(step: int, steps_per_epoch: int) -> int | float:
 
 def write_csv(path: str, rows: list[dict]) -> None:
   """Rewrites the whole CSV atomically, so a crash never leaves half a row."""
+  extra = [k for k in (rows[0] if rows else {}) if k not in COLUMNS]
+  columns = [*COLUMNS[:-1], *extra, COLUMNS[-1]]
+
   def write(tmp):
     with open(tmp, 'w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=COLUMNS)
+      writer = csv.DictWriter(f, fieldnames=columns)
       writer.writeheader()
       for row in rows:
-        writer.writerow({k: row[k] for k in COLUMNS})
+        writer.writerow({k: row[k] for k in columns})
   files.atomic_write(path, write)
 
 
@@ -79,20 +85,30 @@ def plot_curves(rows: list[dict], path: str, title: str = '') -> None:
 
 def epoch_line(row: dict, best: dict) -> str:
   """The losses and accuracies of an epoch's row, for its log line."""
+  def accuracies(split):
+    text = f"acc {100 * row[f'{split}_accuracy']:.2f}%"
+    if f'{split}_flip_accuracy' in row:
+      text += f" (flip {100 * row[f'{split}_flip_accuracy']:.2f}%)"
+    if f'ema_{split}_accuracy' in row:
+      text += f" ema {100 * row[f'ema_{split}_accuracy']:.2f}%"
+    return text
   parts = [f"train loss {row['train_loss']:.4f} acc {100 * row['train_accuracy']:.2f}%"]
   if math.isfinite(row['validation_accuracy']):
-    parts.append(f"val loss {row['validation_loss']:.4f} acc "
-                 f"{100 * row['validation_accuracy']:.2f}% (best "
-                 f"{100 * best['accuracy']:.2f}% @{best['epoch']})")
-  parts.append(f"test loss {row['test_loss']:.4f} acc {100 * row['test_accuracy']:.2f}%")
+    parts.append(f"val loss {row['validation_loss']:.4f} {accuracies('validation')} "
+                 f"(best {100 * best['accuracy']:.2f}% @{best['epoch']})")
+  parts.append(f"test loss {row['test_loss']:.4f} {accuracies('test')}")
   return '  '.join(parts)
 
 
-def summary(rows: list[dict], best: dict, has_validation: bool) -> dict:
+def summary(rows: list[dict], best: dict, has_validation: bool,
+            prefix: str = '') -> dict:
   """What a run reports: the selected epoch's numbers and the final ones.
 
   The selected epoch is the one of best validation accuracy, or the final
   one without a validation split; test accuracy never selects anything.
+  The accuracies are those of the columns starting with `prefix`: ``'ema_'``
+  for the moving average of the weights (see `history.weights_prefix`), and
+  the flip test-time augmentation's are added where the rows have them.
   """
   if not rows:
     return dict(selection=None, epochs=0)
@@ -100,14 +116,16 @@ def summary(rows: list[dict], best: dict, has_validation: bool) -> dict:
   selected = (next(r for r in rows if r['epoch'] == best['epoch'])
               if has_validation else final)
   optional = lambda v: float(v) if math.isfinite(v) else None
-  return dict(
+  out = dict(
       selection='best_validation_accuracy' if has_validation else 'final',
-      selected_epoch=selected['epoch'], selected_step=selected['step'],
-      selected_validation_accuracy=optional(selected['validation_accuracy']),
-      selected_test_accuracy=selected['test_accuracy'],
-      final_validation_accuracy=optional(final['validation_accuracy']),
-      final_test_accuracy=final['test_accuracy'], epochs=final['epoch'],
-      steps=final['step'])
+      weights='moving_average' if prefix else 'trained',
+      selected_epoch=selected['epoch'], selected_step=selected['step'])
+  for which, row in (('selected', selected), ('final', final)):
+    out[f'{which}_validation_accuracy'] = optional(row[f'{prefix}validation_accuracy'])
+    out[f'{which}_test_accuracy'] = row[f'{prefix}test_accuracy']
+    if f'{prefix}test_flip_accuracy' in row:
+      out[f'{which}_test_flip_accuracy'] = row[f'{prefix}test_flip_accuracy']
+  return dict(out, epochs=final['epoch'], steps=final['step'])
 
 
 def duration(seconds: float) -> str:
@@ -150,14 +168,64 @@ class TensorBoard:
     self._records.close()
 
 
-class Progress:
-  """Logs steps/s and an ETA every `every_secs` seconds of training."""
+def wants_bar() -> bool:
+  """Whether progress should be a bar: on a terminal or in a notebook.
 
-  def __init__(self, total_steps: int, every_secs: float = 30.0):
-    self.total_steps, self.every_secs = total_steps, every_secs
+  Elsewhere (a log file, a batch job) a bar's carriage returns would be
+  noise, so periodic lines are written instead.
+  """
+  return sys.stderr.isatty() or 'ipykernel' in sys.modules
+
+
+class Progress:
+  """Progress and ETA of training, between one evaluation and the next.
+
+  A tqdm bar per period (an epoch, or ``eval_every_steps`` steps) where
+  `wants_bar`, closed when the period ends so that the epoch's line follows
+  it; otherwise a line with steps/s and the ETA of the run every
+  `every_secs` seconds.
+
+  Args:
+    total_steps: the run's last step.
+    every: steps between evaluations.
+    label: names the period ending at a step, e.g. ``'epoch 3/5'``.
+    bar: force a bar (True) or lines (False); None: `wants_bar`.
+    every_secs: seconds between lines.
+    file: where the bar goes (stderr).
+  """
+
+  def __init__(self, total_steps: int, every: int, label=str, bar: bool | None = None,
+               every_secs: float = 30.0, file=None):
+    self.total_steps, self.every, self.label = total_steps, every, label
+    self.use_bar = wants_bar() if bar is None else bar
+    self.every_secs, self.file = every_secs, file
+    self._bar, self._end = None, None  # The bar of the period ending at _end.
     self._last = None  # (time, step) of the last line; the first call sets it.
 
   def __call__(self, step: int) -> None:
+    if self.use_bar:
+      self._update_bar(step)
+    else:
+      self._line(step)
+
+  def _update_bar(self, step: int) -> None:
+    start = (step - 1) // self.every * self.every
+    end = min(start + self.every, self.total_steps)
+    if self._bar is not None and self._end != end:
+      self._bar.close()  # A period skipped over: the loop never does.
+      self._bar = None
+    if self._bar is None:
+      self._end = end
+      # pylint: disable-next=g-import-not-at-top
+      from tqdm.auto import tqdm  # Picks a widget in a notebook.
+      self._bar = tqdm(total=end - start, desc=self.label(end), unit='step',
+                       leave=False, dynamic_ncols=True, file=self.file)
+    self._bar.update(step - start - self._bar.n)
+    if step == end:
+      self._bar.close()
+      self._bar = None
+
+  def _line(self, step: int) -> None:
     now = time.monotonic()
     if self._last is None:  # The first step's time is mostly compiling.
       self._last = (now, step)

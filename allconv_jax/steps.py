@@ -25,11 +25,22 @@ from allconv_jax.errors import UserError
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Everything that changes during training; checkpointed as a whole."""
+  """Everything that changes during training; checkpointed as a whole.
+
+  `ema` is ``{}``, or with ``ema_decay`` the moving average of the weights:
+  ``{'params': ..., 'batch_stats': ...}`` (see `with_ema`).
+  """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  ema: Any = flax.struct.field(default_factory=dict)
+
+  def variables(self, ema: bool = False) -> dict:
+    """What `model.apply` takes: the trained weights, or their average."""
+    if ema:
+      return model_variables(self.ema['params'], self.ema['batch_stats'])
+    return model_variables(self.params, self.batch_stats)
 
 
 @flax.struct.dataclass
@@ -60,9 +71,51 @@ class TrainMetrics(metrics.Collection):
 
 
 @flax.struct.dataclass
-class EvalMetrics(metrics.Collection):
-  loss: metrics.Average.from_output('loss')
-  accuracy: metrics.Average.from_output('accuracy')
+class Confusion(metrics.Metric):
+  """Counts of (true class, predicted class); padding (mask 0) left out."""
+  counts: jax.Array
+
+  @classmethod
+  def from_model_output(cls, logits, labels, mask, **_) -> 'Confusion':
+    n = logits.shape[-1]
+    counts = jnp.zeros((n, n), jnp.int32).at[labels, jnp.argmax(logits, -1)].add(
+        mask.astype(jnp.int32))
+    return cls(counts=counts)
+
+  def merge(self, other: 'Confusion') -> 'Confusion':
+    return type(self)(counts=self.counts + other.counts)
+
+  def compute(self) -> jax.Array:
+    return self.counts
+
+
+def _cross_entropy(logits, labels, **_):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _correct(logits, labels, **_):
+  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def _flip_correct(logits, flip_logits, labels, **_):
+  # The mean of the two softmaxes: the usual test-time augmentation.
+  probabilities = jax.nn.softmax(logits) + jax.nn.softmax(flip_logits)
+  return (jnp.argmax(probabilities, -1) == labels).astype(jnp.float32)
+
+
+def metric_names(flip: bool) -> tuple[str, ...]:
+  """The scalar metrics of `make_eval_step`'s, with or without `flip`."""
+  return ('loss', 'accuracy', 'flip_accuracy') if flip else ('loss', 'accuracy')
+
+
+EvalMetrics = metrics.Collection.create(
+    loss=metrics.Average.from_fun(_cross_entropy),
+    accuracy=metrics.Average.from_fun(_correct), confusion=Confusion)
+# With horizontal-flip test-time augmentation reported beside.
+FlipEvalMetrics = metrics.Collection.create(
+    loss=metrics.Average.from_fun(_cross_entropy),
+    accuracy=metrics.Average.from_fun(_correct), confusion=Confusion,
+    flip_accuracy=metrics.Average.from_fun(_flip_correct))
 
 
 def abstract_variables(model) -> dict:
@@ -83,19 +136,34 @@ def init_state(model, tx, seed: int, mesh) -> TrainState:
   return init()
 
 
+def with_ema(state: TrainState, ema_decay: float) -> TrainState:
+  """`state` whose moving average starts at its weights (``{}`` if decay 0)."""
+  if not ema_decay:
+    return state.replace(ema={})
+  # Copies: the train step donates the state, and a buffer must not be
+  # donated twice.
+  return state.replace(ema=jax.tree.map(
+      jnp.copy, dict(params=state.params, batch_stats=state.batch_stats)))
+
+
 def model_variables(params, batch_stats) -> dict:
   """The variables `model.apply` takes: params, and batch stats if any."""
   return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
 
 
-def make_train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool):
+def make_train_step(model, tx, mesh, **options):
   """Returns the jitted `(state, metrics, images, labels) -> (state, metrics)`.
 
-  `model` must be built with ``bn_axis_name=sharding.AXIS`` so batch-norm
-  statistics are averaged over the devices.
+  Args:
+    model: built with ``bn_axis_name=sharding.AXIS``, so that batch-norm
+      statistics are averaged over the devices.
+    tx: the optax optimizer.
+    mesh: see `sharding.make_mesh`.
+    **options: ``seed`` (of augmentation and dropout), ``max_shift`` (pixels)
+      and ``flip`` (augmentation), ``label_smoothing`` and ``ema_decay``
+      (see ``configs/default.py``; both default to 0, off).
   """
-  return jax.jit(_train_step(model, tx, mesh, seed=seed, max_shift=max_shift,
-                             flip=flip), donate_argnums=(0, 1))
+  return jax.jit(_train_step(model, tx, mesh, **options), donate_argnums=(0, 1))
 
 
 def make_train_steps(model, tx, mesh, *, length: int, **step_options):
@@ -111,7 +179,7 @@ def make_train_steps(model, tx, mesh, *, length: int, **step_options):
   Args:
     model, tx, mesh: as for `make_train_step`.
     length: the most steps a call runs.
-    **step_options: ``seed``, ``max_shift`` and ``flip`` of `make_train_step`.
+    **step_options: the options of `make_train_step`.
   """
   step = _train_step(model, tx, mesh, **step_options)
 
@@ -148,7 +216,8 @@ def resident(mesh, images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, j
   return jax.device_put((images, labels), sharding.replicated(mesh))
 
 
-def _train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool):
+def _train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool,
+                label_smoothing: float = 0.0, ema_decay: float = 0.0):
   """The train step, not jitted (see `make_train_step`)."""
   def device_step(params, batch_stats, images, labels, key):
     # Each device draws its own dropout mask.
@@ -158,7 +227,12 @@ def _train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool):
       logits, updates = model.apply(
           model_variables(params, batch_stats), images, train=True,
           rngs={'dropout': key}, mutable=['batch_stats'])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      if label_smoothing:
+        targets = optax.smooth_labels(
+            jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+      else:
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       # The loss of the global batch. Differentiating it with respect to the
       # replicated parameters sums the devices' contributions (shard_map
       # transposes the implicit broadcast of the parameters into a psum), so
@@ -183,9 +257,16 @@ def _train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool):
     grads, batch_stats, loss, accuracy = sharded(
         state.params, state.batch_stats, images, labels, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = TrainState(step=state.step + 1,
-                       params=optax.apply_updates(state.params, updates),
-                       batch_stats=batch_stats, opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema_decay:
+      # TensorFlow's ExponentialMovingAverage with num_updates: a lower decay
+      # early on, so that the average soon forgets the initialization.
+      decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+      ema = optax.incremental_update(
+          dict(params=params, batch_stats=batch_stats), ema, 1.0 - decay)
+    state = TrainState(step=state.step + 1, params=params,
+                       batch_stats=batch_stats, opt_state=opt_state, ema=ema)
     update = TrainMetrics.single_from_model_output(loss=loss, accuracy=accuracy,
                                                    step=state.step)
     return state, train_metrics.merge(update)
@@ -193,74 +274,44 @@ def _train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool):
   return train_step
 
 
-def make_eval_step(model, mesh):
-  """Returns the jitted `(state, images, labels, mask) -> EvalMetrics`."""
-  def device_step(params, batch_stats, images, labels):
-    logits = model.apply(model_variables(params, batch_stats), images, train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return loss, jnp.argmax(logits, -1) == labels
+def make_eval_step(model, mesh, *, flip: bool = False):
+  """Returns the jitted `(variables, images, labels, mask) -> metrics`.
+
+  The metrics are `EvalMetrics` (loss, accuracy, confusion counts), or with
+  `flip` `FlipEvalMetrics`, which add the accuracy of the mean softmax of
+  each image and of its mirror image.
+  """
+  def device_step(variables, images):
+    logits = model.apply(variables, images, train=False)
+    # NHWC: axis 2 is the width.
+    flipped = model.apply(variables, images[:, :, ::-1], train=False) if flip else logits
+    return logits, flipped
 
   sharded = jax.shard_map(
-      device_step, mesh=mesh,
-      in_specs=(P(), P(), P(sharding.AXIS), P(sharding.AXIS)),
+      device_step, mesh=mesh, in_specs=(P(), P(sharding.AXIS)),
       out_specs=(P(sharding.AXIS), P(sharding.AXIS)))
+  collection = FlipEvalMetrics if flip else EvalMetrics
 
-  @jax.jit
-  def eval_step(state: TrainState, images, labels, mask):
-    loss, correct = sharded(state.params, state.batch_stats, images, labels)
-    return EvalMetrics.single_from_model_output(
-        loss=loss, accuracy=correct.astype(jnp.float32), mask=mask)
+  # Replicated, so that every process can read the results.
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def eval_step(variables, images, labels, mask):
+    logits, flip_logits = sharded(variables, images)
+    return collection.single_from_model_output(
+        logits=logits, flip_logits=flip_logits, labels=labels, mask=mask)
 
   return eval_step
 
 
-def evaluate(eval_step, state, mesh, images: np.ndarray, labels: np.ndarray,
+def evaluate(eval_step, variables, mesh, images: np.ndarray, labels: np.ndarray,
              batch_size: int) -> dict:
-  """Loss and accuracy over a whole split."""
+  """Loss and accuracy (and flip accuracy) over a whole split, as floats, and
+  ``confusion``: its (true class, predicted class) counts, a numpy array."""
   total = None
   local = sharding.local_slice(batch_size)
   for idx, mask in input_pipeline.eval_batches(len(images), batch_size):
     idx, mask = idx[local], mask[local]
     batch = sharding.global_batch(mesh, images[idx], labels[idx], mask)
-    m = eval_step(state, *batch)
+    m = eval_step(variables, *batch)
     total = m if total is None else total.merge(m)
-  return {k: float(v) for k, v in total.compute().items()}
-
-
-def make_predict_step(model, mesh):
-  """Returns the jitted `(state, images) -> predicted classes` (int32).
-
-  Each device classifies its slice of the batch; the result is replicated,
-  so that every process can read the whole batch's predictions (a
-  batch-sharded result would be readable only where its devices are).
-  """
-  def device_step(params, batch_stats, images):
-    logits = model.apply(model_variables(params, batch_stats), images, train=False)
-    return jnp.argmax(logits, -1).astype(jnp.int32)
-
-  sharded = jax.shard_map(
-      device_step, mesh=mesh, in_specs=(P(), P(), P(sharding.AXIS)),
-      out_specs=P(sharding.AXIS))
-
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-  def predict_step(state: TrainState, images):
-    return sharded(state.params, state.batch_stats, images)
-
-  return predict_step
-
-
-def predict(predict_step, state, mesh, images: np.ndarray,
-            batch_size: int) -> np.ndarray:
-  """The predicted class of every image of a split, in the split's order.
-
-  Batched as `evaluate` (`input_pipeline.eval_batches`): the padding of the
-  last batch, whose mask is 0, is dropped.
-  """
-  out = []
-  local = sharding.local_slice(batch_size)
-  for idx, mask in input_pipeline.eval_batches(len(images), batch_size):
-    # The global batch is the processes' slices in process order, i.e. `idx`
-    # in order, which is what the replicated predictions come back as.
-    batch, = sharding.global_batch(mesh, images[idx[local]])
-    out.append(np.asarray(predict_step(state, batch))[mask > 0])
-  return np.concatenate(out) if out else np.zeros(0, np.int32)
+  return {k: np.asarray(v) if k == 'confusion' else float(v)
+          for k, v in total.compute().items()}

@@ -24,7 +24,7 @@ import optax
 from absl import logging
 
 from allconv_jax import (checkpoints, config as config_lib, confusion, datasets,
-                         files, input_pipeline, models, reporting, sharding,
+                         files, history, input_pipeline, models, reporting, sharding,
                          steps, stopping, trained, transfer)
 from allconv_jax.errors import UserError
 
@@ -133,7 +133,9 @@ def initial_state(run: Setup) -> Start:
   """
   config = run.config
   replicated = sharding.replicated(run.mesh)
-  state = steps.init_state(run.model, run.tx, config.seed, run.mesh)
+  # The moving average (ema_decay) starts at the weights training starts from.
+  start_ema = lambda state: steps.with_ema(state, config.ema_decay)
+  state = start_ema(steps.init_state(run.model, run.tx, config.seed, run.mesh))
   train_metrics = jax.device_put(steps.TrainMetrics.empty(), replicated)
   preprocess_path = os.path.join(run.workdir, files.PREPROCESS)
   fit = lambda: input_pipeline.Preprocessor.fit(run.data.train.images,
@@ -155,8 +157,8 @@ def initial_state(run: Setup) -> Start:
     params = transfer.merge(source.variables['params'], state.params, reinit)
     batch_stats = transfer.merge(source.variables.get('batch_stats', {}),
                                  state.batch_stats, reinit)
-    state = state.replace(params=params, batch_stats=batch_stats,
-                          opt_state=run.tx.init(params))
+    state = start_ema(state.replace(params=params, batch_stats=batch_stats,
+                                    opt_state=run.tx.init(params)))
     logging.info('Transferred all but %s from %s', reinit, config.transfer.from_workdir)
     return Start(jax.device_put(state, replicated), train_metrics,
                  source.preprocessor, None)
@@ -165,7 +167,7 @@ def initial_state(run: Setup) -> Start:
   if config.init != 'lsuv':
     return Start(state, train_metrics, preprocessor, None)
   state, report = _lsuv(run, state, preprocessor)
-  return Start(state, train_metrics, preprocessor, None, report)
+  return Start(start_ema(state), train_metrics, preprocessor, None, report)
 
 
 def _lsuv(run: Setup, state: steps.TrainState, preprocessor):
@@ -177,6 +179,7 @@ def _lsuv(run: Setup, state: steps.TrainState, preprocessor):
                            replace=False))
   local = idx[sharding.local_slice(len(idx))]
   batch, = sharding.global_batch(run.mesh, preprocessor(images[local]))
+  logging.info('LSUV: rescaling each convolution on %d training images...', len(idx))
   start = time.time()
   variables, report = lsuv.lsuv_init(
       run.model, steps.model_variables(state.params, state.batch_stats), batch,
@@ -220,29 +223,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   ('test', run.data.test)) if split is not None}
     # On the devices before anything is written: it may not fit.
     images, labels = steps.resident(run.mesh, *splits['train'])
-    record = _Record(run, start.resumed, is_writer)
+    record = history.History(run, start.resumed, is_writer)
     if is_writer and start.resumed is None:
       start.preprocessor.save(os.path.join(workdir, files.PREPROCESS))
       files.write_text(os.path.join(workdir, files.CONFIG),
                        config.to_json_best_effort(indent=2))
+      files.write_text(os.path.join(workdir, files.MODEL_SUMMARY),
+                       models.summary(run.model, full=True))
       if start.lsuv_report:
         start.lsuv_report.save(os.path.join(workdir, files.LSUV_REPORT))
     logging.info('%s on %s (%s), %d device(s)', config.model, config.dataset.name,
                  ', '.join(f'{len(l)} {n}' for n, (_, l) in splits.items()),
                  jax.device_count())
-    if is_writer:
+    if is_writer:  # The full table is in the workdir (files.MODEL_SUMMARY).
       print(models.summary(run.model), flush=True)
 
     length = config.steps_per_dispatch or (1 if jax.default_backend() == 'cpu' else 100)
     train_steps = steps.make_train_steps(
         run.model, run.tx, run.mesh, length=length, seed=config.seed,
         max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
-        flip=config.augment.flip)
-    eval_step = steps.make_eval_step(run.model, run.mesh)
+        flip=config.augment.flip, label_smoothing=config.label_smoothing,
+        ema_decay=config.ema_decay)
+    eval_step = steps.make_eval_step(run.model, run.mesh, flip=config.eval_flip)
     state, train_metrics, step = start.state, start.train_metrics, int(start.state.step)
     local = sharding.local_slice(config.batch_size)
     every = config.eval_every_steps or run.batches.steps_per_epoch
-    progress = reporting.Progress(run.total_steps)
+    epochs = run.total_steps / run.batches.steps_per_epoch
+    progress = reporting.Progress(run.total_steps, every, lambda end: (
+        f'epoch {reporting.epoch_of(end, run.batches.steps_per_epoch)}/{epochs:g}'))
+    test_confusion = None
     with stopping.StopRequests() as stop:
       while step < run.total_steps:
         end = _chunk_end(run, step, length)
@@ -254,8 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress(step)
         if step % every == 0 or step == run.total_steps:
           _check_finite(run, train_metrics)
-          train_metrics = evaluate_and_save(run, record, eval_step, state,
-                                            train_metrics, splits)
+          train_metrics, test_confusion = evaluate_and_save(
+              run, record, eval_step, state, train_metrics, splits)
         elif stop.signum is not None or (
             config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
           _check_finite(run, train_metrics)
@@ -263,13 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if stop.signum is not None:
           raise stopping.Interrupted(stop.signum, step)
     run.checkpoints.close()
-    # Per-class results of the final state (--mode=eval: of the selected one).
-    test_images, test_labels = splits['test']
-    predictions = steps.predict(steps.make_predict_step(run.model, run.mesh), state,
-                                run.mesh, test_images, config.eval_batch_size)
-    if is_writer:
-      confusion.write(workdir, test_labels, predictions, run.data.class_names,
-                      'test', step)
+    # Per-class results of the final state (--mode=eval: of the selected
+    # one), unless the run was complete already.
+    if is_writer and test_confusion is not None:
+      confusion.write(workdir, test_confusion, run.data.class_names, 'test', step)
     return record.finish()
 
 
@@ -289,107 +295,40 @@ def _check_finite(run: Setup, train_metrics: steps.TrainMetrics) -> None:
     raise stopping.Diverged(bad, checkpoints.latest_step(run.checkpoints.latest_dir))
 
 
-def evaluate_and_save(run: Setup, record: '_Record', eval_step, state,
-                      train_metrics, splits: dict) -> steps.TrainMetrics:
+def evaluate_and_save(run: Setup, record: history.History, eval_step, state,
+                      train_metrics, splits: dict):
   """Evaluates, selects on validation, checkpoints and logs an epoch's end.
 
   Or the end of ``eval_every_steps`` steps: the row's train columns average
-  the steps since the previous row, and its epoch may be fractional.
+  the steps since the previous row, and its epoch may be fractional. With
+  ``ema_decay`` the moving average is evaluated too (``ema_`` columns), and
+  selects.
 
   Returns:
     The next period's train metrics: empty, and checkpointed so, so that a
-    run resumed from this checkpoint starts the next period as this one does.
+    run resumed from this checkpoint starts the next period as this one does;
+    and the test split's confusion counts of the selected kind of weights.
   """
   step = int(state.step)
   row = dict(epoch=reporting.epoch_of(step, run.batches.steps_per_epoch),
              step=step, learning_rate=float(run.schedule(step - 1)))
   row.update({f'train_{k}': float(v) for k, v in train_metrics.compute().items()
               if k != 'nonfinite_step'})
-  for name in ('validation', 'test'):
-    if name in splits:
-      measured = steps.evaluate(eval_step, state, run.mesh, *splits[name],
-                                run.config.eval_batch_size)
-    else:
-      measured = dict(loss=float('nan'), accuracy=float('nan'))
-    row.update({f'{name}_{k}': v for k, v in measured.items()})
+  kinds = ['', 'ema_'] if run.config.ema_decay else ['']
+  for prefix in kinds:
+    for name in ('validation', 'test'):
+      if name in splits:
+        measured = steps.evaluate(eval_step, state.variables(ema=bool(prefix)),
+                                  run.mesh, *splits[name], run.config.eval_batch_size)
+        if name == 'test' and prefix == record.prefix:
+          test_confusion = measured['confusion']
+      else:
+        measured = dict.fromkeys(steps.metric_names(run.config.eval_flip), float('nan'))
+      row.update({f'{prefix}{name}_{k}': v for k, v in measured.items()
+                  if k != 'confusion'})
   is_best = record.add(row)
   train_metrics = jax.device_put(steps.TrainMetrics.empty(),
                                  sharding.replicated(run.mesh))
-  record.save(state, train_metrics, row['validation_accuracy'], is_best)
+  record.save(state, train_metrics, row[f'{record.prefix}validation_accuracy'], is_best)
   record.write(row)
-  return train_metrics
-
-
-class _Record:
-  """The run's history, its selection and the files people read."""
-
-  def __init__(self, run: Setup, resumed: dict | None, is_writer: bool):
-    self.run, self.is_writer = run, is_writer
-    self.has_validation = run.data.validation is not None
-    # The CSV is rebuilt from the checkpoint's history, so a run killed between
-    # a checkpoint and a CSV write neither loses nor repeats an epoch.
-    self.rows = resumed['history'] if resumed else []
-    self.best = (dict(accuracy=resumed['best_validation_accuracy'],
-                      epoch=resumed['best_epoch']) if resumed
-                 else dict(accuracy=-1.0, epoch=0))
-    if resumed:
-      logging.info('Resuming from step %d (epoch %d) of %s', resumed['step'],
-                   resumed['epoch'], run.workdir)
-    self.tensorboard = reporting.TensorBoard(run.workdir) if is_writer else None
-    if is_writer:
-      reporting.write_csv(self._path(files.METRICS), self.rows)
-    self.period_start = (time.time(), resumed['step'] if resumed else 0)
-
-  def _path(self, name: str) -> str:
-    return os.path.join(self.run.workdir, name)
-
-  def add(self, row: dict) -> bool:
-    """Appends an epoch; returns whether its validation accuracy is the best.
-
-    Without a validation split nothing is selected: the final checkpoint
-    stands. Test accuracy never selects.
-    """
-    row['seconds'] = round(time.time() - self.period_start[0], 3)
-    is_best = self.has_validation and row['validation_accuracy'] > self.best['accuracy']
-    if is_best:
-      self.best = dict(accuracy=row['validation_accuracy'], epoch=row['epoch'])
-    self.rows = self.rows + [row]
-    return is_best
-
-  def save(self, state, train_metrics, validation_accuracy=None, is_best=False):
-    """Checkpoints the state with the history so far in its meta."""
-    step = int(state.step)
-    meta = dict(self.run.architecture, step=step,
-                epoch=step // self.run.batches.steps_per_epoch, history=self.rows,
-                best_validation_accuracy=self.best['accuracy'],
-                best_epoch=self.best['epoch'])
-    self.run.checkpoints.save(step, dict(state=state, train_metrics=train_metrics),
-                              meta, validation_accuracy, is_best)
-    # Committed before anything refers to it, so that a kill never leaves
-    # metrics of an epoch the checkpoints do not have.
-    self.run.checkpoints.wait()
-
-  def write(self, row: dict) -> None:
-    """The CSV, curves, TensorBoard and the log line of an epoch."""
-    if self.is_writer:
-      self.tensorboard.write_scalars(row['step'], {
-          k: v for k, v in row.items()
-          if k not in ('epoch', 'step') and np.isfinite(v)})
-      reporting.write_csv(self._path(files.METRICS), self.rows)
-      reporting.plot_curves(self.rows, self._path(files.CURVES), title=(
-          f'{self.run.config.model} on {self.run.config.dataset.name}'))
-    per_step = row['seconds'] / (row['step'] - self.period_start[1])
-    spe, total = self.run.batches.steps_per_epoch, self.run.total_steps
-    logging.info('epoch %g/%g  %s  %.1fs/epoch  ETA %s', row['epoch'], total / spe,
-                 reporting.epoch_line(row, self.best), per_step * spe,
-                 reporting.duration((total - row['step']) * per_step))
-    self.period_start = (time.time(), row['step'])
-
-  def finish(self) -> dict:
-    """The summary (see `reporting.summary`), written once the run is complete."""
-    if self.tensorboard:
-      self.tensorboard.close()
-    summary = reporting.summary(self.rows, self.best, self.has_validation)
-    if self.is_writer and self.rows and self.rows[-1]['step'] == self.run.total_steps:
-      files.write_json(self._path(files.SUMMARY), summary)
-    return summary
+  return train_metrics, test_confusion

@@ -58,7 +58,8 @@ class Trained:
   Attributes:
     config: the run's config, as it started (``config.json``).
     model: its network (evaluation only: no mesh axis).
-    variables: ``{'params': ...}`` (and ``'batch_stats'``), numpy arrays.
+    variables: ``{'params': ...}`` (and ``'batch_stats'``), numpy arrays:
+      the moving average of the weights for a run with ``ema_decay``.
     preprocessor: the input transform the run was trained with.
     step: the checkpoint's step.
     meta: the checkpoint's meta (architecture, epoch, history).
@@ -94,10 +95,11 @@ def load(workdir: str, expected: dict | None = None, field: str = 'workdir') -> 
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   tree, meta = checkpoints.restore_tree(directory, step, expected, field)
-  state = tree['state']
-  variables = {'params': state['params']}
-  if state.get('batch_stats'):
-    variables['batch_stats'] = state['batch_stats']
+  # With ema_decay the run's weights are the moving average (see train.py).
+  weights = tree['state']['ema'] if config.get('ema_decay') else tree['state']
+  variables = {'params': weights['params']}
+  if weights.get('batch_stats'):
+    variables['batch_stats'] = weights['batch_stats']
   model = create_model(config, int(meta['num_classes']))
   checkpoints.check_compatible(steps.abstract_variables(model), variables,
                                directory)
@@ -125,22 +127,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   data = datasets.load(config.dataset)
   run = load(workdir, architecture(config, data.num_classes))
   mesh = sharding.make_mesh()
-  state = jax.device_put(
-      steps.TrainState(step=run.step, params=run.variables['params'],
-                       batch_stats=run.variables.get('batch_stats', {}),
-                       opt_state=None), sharding.replicated(mesh))
+  variables = jax.device_put(run.variables, sharding.replicated(mesh))
   images, labels = run.preprocessor(data.test.images), data.test.labels
-  # Loss and accuracy as training computed them for metrics.csv, so that
-  # the two stay comparable; the predictions take a second forward pass.
-  test = steps.evaluate(steps.make_eval_step(run.model, mesh), state, mesh,
+  test = steps.evaluate(steps.make_eval_step(run.model, mesh), variables, mesh,
                         images, labels, config.eval_batch_size)
-  predictions = steps.predict(steps.make_predict_step(run.model, mesh), state,
-                              mesh, images, config.eval_batch_size)
-  if jax.process_index() == 0:  # Every process has every prediction; one writes.
-    per_class = confusion.write(workdir, labels, predictions, data.class_names,
+  if jax.process_index() == 0:  # Every process has the counts; one writes.
+    per_class = confusion.write(workdir, test['confusion'], data.class_names,
                                 'test', run.step)
   else:
-    per_class = confusion.report(
-        confusion.matrix(labels, predictions, data.num_classes), data.class_names)
+    per_class = confusion.report(test['confusion'], data.class_names)
   return dict(test_accuracy=test['accuracy'], test_loss=test['loss'],
               step=run.step, **per_class)

@@ -269,7 +269,7 @@ def full_loop(dtype: str, data, steps: int) -> dict:
     result = evaluate_and_save(run, record, eval_step, state, *args)
     ends.append(time.perf_counter())  # After the checkpoint, CSV and plots.
     # The last epoch's state and fresh metrics are never donated to a step.
-    found.update(run=run, state=state, metrics=result)
+    found.update(run=run, state=state, metrics=result[0])
     common.log(f'[loop] {dtype} epoch {len(ends)}/{FLAGS.epochs} done')
     return result
 

@@ -349,7 +349,8 @@ class LibrarySteps:
       step, args = self.train_step, (self.state, self.metrics, images, labels)
       extra = ()
     else:
-      step, args, extra = self.eval_step, (self.state, images, labels), (mask,)
+      step, args = self.eval_step, (self.state.variables(), images, labels)
+      extra = (mask,)
     start = time.perf_counter()
     compiled = step.lower(*args, *extra).compile()
     compiled_at = time.perf_counter()
@@ -369,7 +370,7 @@ class LibrarySteps:
         self.state, self.metrics = compiled(self.state, self.metrics, *data)
         self._jax.block_until_ready(self.metrics)
       else:
-        self._jax.block_until_ready(compiled(self.state, *data))
+        self._jax.block_until_ready(compiled(self.state.variables(), *data))
       times.append(time.perf_counter() - start)
     return times
 

@@ -1,4 +1,4 @@
-"""Per-class results: the confusion matrix, its files, the predict step, and
+"""Per-class results: the confusion matrix, its files, the eval step's counts, and
 --mode=eval's confusion files on a tiny trained run."""
 
 import csv
@@ -10,7 +10,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from allconv_jax import confusion, datasets, files, models, sharding, steps, trained
+from allconv_jax import (confusion, datasets, files, models, reporting, sharding,
+                         steps, trained)
 from conftest import TINY, load_config, run_binary
 
 # Four classes, the last with no example: true 0 is twice taken for 1.
@@ -23,15 +24,15 @@ EXPECTED = [[1, 2, 0, 0],
 NAMES = ('cat', 'dog, big', 'ship', 'frog')
 
 
-def test_matrix_of_hand_made_labels():
-  counts = confusion.matrix(LABELS, PREDICTIONS, 4)
-  np.testing.assert_array_equal(counts, EXPECTED)
-  assert counts.dtype == np.int64
-  assert confusion.per_class_accuracy(counts) == [1 / 3, 1 / 2, 1 / 2, None]
+COUNTS = np.array(EXPECTED)
+
+
+def test_per_class_accuracy_of_hand_made_counts():
+  assert confusion.per_class_accuracy(COUNTS) == [1 / 3, 1 / 2, 1 / 2, None]
 
 
 def test_most_confused_is_largest_first_then_in_class_order():
-  counts = confusion.matrix(LABELS, PREDICTIONS, 4)
+  counts = COUNTS
   # (1, 0), (2, 0) and (2, 1) tie at 1: the first two in (true, predicted) order.
   assert confusion.most_confused(counts) == [(0, 1, 2), (1, 0, 1), (2, 0, 1)]
   assert confusion.most_confused(counts, top=10)[-1] == (2, 1, 1)
@@ -44,19 +45,9 @@ def test_most_confused_is_largest_first_then_in_class_order():
                         ['ship', 'cat', 1]]}
 
 
-@pytest.mark.parametrize('labels, predictions', [
-    ([0, 1], [0]),        # different lengths
-    ([0, 4], [0, 1]),     # a label out of range
-    ([0, 1], [0, -1]),    # a prediction out of range
-])
-def test_matrix_refuses_mismatched_or_out_of_range_classes(labels, predictions):
-  with pytest.raises(ValueError):
-    confusion.matrix(np.array(labels), np.array(predictions), 4)
-
-
 def test_write_produces_csv_json_and_png(tmp_path):
-  result = confusion.write(str(tmp_path), LABELS, PREDICTIONS, NAMES, 'test', 42)
-  assert result == confusion.report(confusion.matrix(LABELS, PREDICTIONS, 4), NAMES)
+  result = confusion.write(str(tmp_path), COUNTS, NAMES, 'test', 42)
+  assert result == confusion.report(COUNTS, NAMES)
   with open(tmp_path / files.CONFUSION_CSV, newline='') as f:
     rows = list(csv.reader(f))
   assert rows[0] == ['true \\ predicted', *NAMES, 'accuracy']
@@ -75,7 +66,8 @@ def test_write_produces_csv_json_and_png(tmp_path):
 def test_plot_of_many_classes_leaves_counts_out(tmp_path):
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 30, 300)
-  counts = confusion.matrix(labels, rng.integers(0, 30, 300), 30)
+  counts = np.zeros((30, 30), np.int64)
+  np.add.at(counts, (labels, rng.integers(0, 30, 300)), 1)
   path = tmp_path / 'many.png'
   confusion.plot(str(path), counts, [f'class_{i}' for i in range(30)])
   assert path.stat().st_size > 0
@@ -90,36 +82,77 @@ class _Linear(nn.Module):
     return nn.Dense(5)(images.reshape(len(images), -1))
 
 
-def test_predict_step_is_argmax_of_the_network_and_drops_padding():
+@pytest.mark.parametrize('flip', [False, True])
+def test_eval_step_counts_the_networks_classes_and_drops_padding(flip):
   model = _Linear()
   images = np.asarray(jax.random.normal(jax.random.key(1), (10, *models.INPUT_SHAPE)))
+  labels = np.arange(10) % 5
   variables = model.init(jax.random.key(0), images[:1], train=False)
   mesh = sharding.make_mesh()
-  state = steps.TrainState(step=0, params=variables['params'], batch_stats={},
-                           opt_state=None)
   # 10 images in batches of 4: the last batch holds 2 and 2 of padding.
-  predictions = steps.predict(steps.make_predict_step(model, mesh), state, mesh,
-                              images, batch_size=4)
-  expected = np.argmax(np.asarray(model.apply(variables, images, train=False)), -1)
-  assert len(set(expected)) > 1  # Not a constant that any order would match.
-  assert predictions.dtype == np.int32
-  np.testing.assert_array_equal(predictions, expected)
+  measured = steps.evaluate(steps.make_eval_step(model, mesh, flip=flip),
+                            variables, mesh, images, labels, batch_size=4)
+  logits = np.asarray(model.apply(variables, images, train=False))
+  predicted = logits.argmax(-1)
+  assert len(set(predicted)) > 1  # Not a constant that any order would match.
+  expected = np.zeros((5, 5), np.int64)
+  np.add.at(expected, (labels, predicted), 1)
+  np.testing.assert_array_equal(measured['confusion'], expected)
+  assert measured['accuracy'] == pytest.approx(np.mean(predicted == labels))
+  assert set(measured) == {'loss', 'accuracy', 'confusion', *(['flip_accuracy'] * flip)}
+  if flip:  # The class of the mean softmax of each image and its mirror.
+    mirrored = np.asarray(model.apply(variables, images[:, :, ::-1], train=False))
+    softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(
+        x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    both = (softmax(logits) + softmax(mirrored)).argmax(-1)
+    assert not np.array_equal(both, predicted)  # The mirror changed something.
+    assert measured['flip_accuracy'] == pytest.approx(np.mean(both == labels))
 
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
-  """A tiny All-CNN-C trained for one epoch on five digits by the binary."""
+  """A tiny All-CNN-C trained by the binary on five digits for two epochs,
+  with a moving average of the weights and flip test-time augmentation."""
   workdir = tmp_path_factory.mktemp('confusion') / 'wd'
-  result = run_binary(*TINY, f'--workdir={workdir}', '--config.num_epochs=1')
+  options = ['--config.num_epochs=2', '--config.ema_decay=0.9',
+             '--config.eval_flip=True']
+  result = run_binary(*TINY, f'--workdir={workdir}', *options)
   assert result.returncode == 0, result.stderr[-3000:]
   config = load_config('digits.py')
   config.width, config.dataset.classes = 0.25, '0,1,2,3,4'
-  return config, workdir
+  config.num_epochs, config.ema_decay, config.eval_flip = 2, 0.9, True
+  return config, workdir, result
+
+
+def test_training_options_are_reported_and_the_average_is_selected(tiny_run):
+  _, workdir, result = tiny_run
+  rows = reporting.read_csv(str(workdir / files.METRICS))
+  assert len(rows) == 2
+  for prefix in ('', 'ema_'):
+    for split in ('validation', 'test'):
+      for metric in ('loss', 'accuracy', 'flip_accuracy'):
+        assert 0 <= rows[-1][f'{prefix}{split}_{metric}'] < float('inf')
+  summary = json.loads(result.stdout.splitlines()[-1])
+  assert summary == json.loads((workdir / files.SUMMARY).read_text())
+  assert summary['weights'] == 'moving_average'
+  best = max(rows, key=lambda r: r['ema_validation_accuracy'])
+  assert summary['selected_epoch'] == best['epoch']
+  assert summary['selected_test_accuracy'] == pytest.approx(best['ema_test_accuracy'])
+  assert summary['selected_test_flip_accuracy'] == pytest.approx(
+      best['ema_test_flip_accuracy'])
+  # The compact table on stdout, the full one in the workdir.
+  assert result.stdout.count('conv') < 20 and 'parameters' in result.stdout
+  assert 'AllConvNet Summary' in (workdir / files.MODEL_SUMMARY).read_text()
 
 
 def test_eval_writes_the_test_splits_confusion(tiny_run):
-  config, workdir = tiny_run
+  config, workdir, _ = tiny_run
   report = trained.evaluate_checkpoint(config, str(workdir))
+  # Of the selected checkpoint's moving average, as training measured it.
+  summary = json.loads((workdir / files.SUMMARY).read_text())
+  assert report['step'] == summary['selected_step']
+  assert report['test_accuracy'] == pytest.approx(summary['selected_test_accuracy'],
+                                                  abs=1e-6)
   json.dumps(report)  # The binary prints it as one JSON line.
   assert set(report) == {'test_accuracy', 'test_loss', 'step',
                          'per_class_accuracy', 'most_confused'}

@@ -23,6 +23,7 @@ import pytest
 from allconv_jax import (datasets, input_pipeline, lsuv, lsuv_report, models,
                          orthonormal)
 from allconv_jax.errors import UserError
+from conftest import TEST_XLA_FLAGS
 
 TOL = 0.1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,7 +345,7 @@ _SHARDED_SCRIPT = str(pathlib.Path(__file__).parent / 'lsuv_sharded.py')
 
 def test_sharded_batch_gives_global_variance():
   env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}',
              JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, _SHARDED_SCRIPT], env=env,
                           cwd=REPO, capture_output=True, text=True,

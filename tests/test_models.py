@@ -176,10 +176,17 @@ def test_building_and_running_a_model_never_builds_onednn(monkeypatch):
   assert out.strip() == 'False'
 
 
-def test_summary_table_lists_layers_and_total():
-  text = models.summary(models.create('all_cnn_c', 10))
-  assert 'classifier' in text and 'conv8' in text
-  assert '1,369,738' in text
+def test_summary_has_a_line_per_layer_with_its_shape_and_parameters():
+  model = models.create('all_cnn_c', 10)
+  lines = models.summary(model).splitlines()
+  rows = {line.split()[0]: line.split() for line in lines[1:-2]}
+  # Every convolution and dropout of the spec, in order, and nothing else.
+  assert list(rows) == [layer.name for layer in model.layers]
+  assert rows['conv3'][-2:] == ['16x16x96', '83,040']  # 3*3*96*96 + 96
+  assert rows['conv7'][-2] == '6x6x192'
+  assert rows['dropout0'][-2:] == ['32x32x3', '0']
+  assert sum(int(r[-1].replace(',', '')) for r in rows.values()) == 1_369_738
+  assert lines[-1].startswith('AllConvNet: 1,369,738 parameters')
 
 
 # ------------------------------------------------ padding as in Caffe

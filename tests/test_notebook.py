@@ -59,6 +59,15 @@ def test_notebook_runs_top_to_bottom(repo, tmp_path, monkeypatch):
   predictions = _cell(nb, 'trained.load(digits_dir)')
   assert 'selected checkpoint: step' in _stream(predictions, 'stdout')
   assert _images(predictions) >= 1
+  # Per-class results, predictions on image files, the exported model.
+  per_class = _cell(nb, "'confusion.json'")
+  assert 'per-class test accuracy: 0:' in _stream(per_class, 'stdout')
+  assert _images(per_class) == 1
+  own = _cell(nb, 'predict.predict_images')
+  assert _stream(own, 'stdout').count('.png') == 4
+  assert 'notes.txt' in _stream(own, 'stderr')
+  exported = _stream(_cell(nb, 'export.export_checkpoint'), 'stdout')
+  assert 'the same classes as the network above: True' in exported
   assert _images(_cell(nb, "'classifier', test_labels[picks]")) == 1
   # visualize_checkpoint: one PNG per default layer (conv1, conv4, conv8).
   assert _images(_cell(nb, 'visualize.visualize_checkpoint')) == 3

@@ -1,0 +1,105 @@
+"""A run's history: its rows, the selection on validation, its checkpoints,
+and the files people read (``metrics.csv``, ``curves.png``, TensorBoard).
+
+The history lives in every checkpoint's meta, so that a resumed run rebuilds
+the CSV from it and neither loses nor repeats an evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from allconv_jax import files, reporting
+
+
+def weights_prefix(config) -> str:
+  """The column prefix of the weights a run selects and loads: ``'ema_'``
+  for the moving average (``ema_decay``), else ``''``."""
+  return 'ema_' if config.get('ema_decay') else ''
+
+
+class History:
+  """The rows of a run so far, the best one by validation, and its outputs.
+
+  Args:
+    run: the run's `train.Setup`.
+    resumed: the meta of the checkpoint the run resumes from, or None.
+    is_writer: whether this process writes the files (process 0).
+  """
+
+  def __init__(self, run, resumed: dict | None, is_writer: bool):
+    self.run, self.is_writer = run, is_writer
+    self.has_validation = run.data.validation is not None
+    self.prefix = weights_prefix(run.config)
+    self.rows = resumed['history'] if resumed else []
+    self.best = (dict(accuracy=resumed['best_validation_accuracy'],
+                      epoch=resumed['best_epoch']) if resumed
+                 else dict(accuracy=-1.0, epoch=0))
+    if resumed:
+      logging.info('Resuming from step %d (epoch %d) of %s', resumed['step'],
+                   resumed['epoch'], run.workdir)
+    self.tensorboard = reporting.TensorBoard(run.workdir) if is_writer else None
+    if is_writer:
+      reporting.write_csv(self._path(files.METRICS), self.rows)
+    self.period_start = (time.time(), resumed['step'] if resumed else 0)
+
+  def _path(self, name: str) -> str:
+    return os.path.join(self.run.workdir, name)
+
+  def add(self, row: dict) -> bool:
+    """Appends a row; returns whether its validation accuracy is the best.
+
+    The accuracy is that of the weights the run selects (the moving average
+    with ``ema_decay``). Without a validation split nothing is selected: the
+    final checkpoint stands. Test accuracy never selects.
+    """
+    row['seconds'] = round(time.time() - self.period_start[0], 3)
+    accuracy = row[f'{self.prefix}validation_accuracy']
+    is_best = self.has_validation and accuracy > self.best['accuracy']
+    if is_best:
+      self.best = dict(accuracy=accuracy, epoch=row['epoch'])
+    self.rows = self.rows + [row]
+    return is_best
+
+  def save(self, state, train_metrics, validation_accuracy=None, is_best=False):
+    """Checkpoints the state with the history so far in its meta."""
+    step = int(state.step)
+    meta = dict(self.run.architecture, step=step,
+                epoch=step // self.run.batches.steps_per_epoch, history=self.rows,
+                best_validation_accuracy=self.best['accuracy'],
+                best_epoch=self.best['epoch'])
+    self.run.checkpoints.save(step, dict(state=state, train_metrics=train_metrics),
+                              meta, validation_accuracy, is_best)
+    # Committed before anything refers to it, so that a kill never leaves
+    # metrics of an epoch the checkpoints do not have.
+    self.run.checkpoints.wait()
+
+  def write(self, row: dict) -> None:
+    """The CSV, curves, TensorBoard and the log line of a row."""
+    if self.is_writer:
+      self.tensorboard.write_scalars(row['step'], {
+          k: v for k, v in row.items()
+          if k not in ('epoch', 'step') and np.isfinite(v)})
+      reporting.write_csv(self._path(files.METRICS), self.rows)
+      reporting.plot_curves(self.rows, self._path(files.CURVES), title=(
+          f'{self.run.config.model} on {self.run.config.dataset.name}'))
+    per_step = row['seconds'] / (row['step'] - self.period_start[1])
+    spe, total = self.run.batches.steps_per_epoch, self.run.total_steps
+    logging.info('epoch %g/%g  %s  %.1fs/epoch  ETA %s', row['epoch'], total / spe,
+                 reporting.epoch_line(row, self.best), per_step * spe,
+                 reporting.duration((total - row['step']) * per_step))
+    self.period_start = (time.time(), row['step'])
+
+  def finish(self) -> dict:
+    """The summary (see `reporting.summary`), written once the run is complete."""
+    if self.tensorboard:
+      self.tensorboard.close()
+    summary = reporting.summary(self.rows, self.best, self.has_validation,
+                                self.prefix)
+    if self.is_writer and self.rows and self.rows[-1]['step'] == self.run.total_steps:
+      files.write_json(self._path(files.SUMMARY), summary)
+    return summary

@@ -1,0 +1,35 @@
+"""Progress of training: a bar per period on a terminal, lines elsewhere."""
+
+import io
+
+from absl import logging
+
+from allconv_jax import reporting
+
+
+def test_bar_runs_per_period_and_closes_at_its_end():
+  out = io.StringIO()
+  progress = reporting.Progress(total_steps=10, every=4, bar=True,
+                                label=lambda end: f'to {end}', file=out)
+  progress(1)
+  progress(3)
+  assert (progress._bar.total, progress._bar.n) == (4, 3)
+  progress(4)
+  assert progress._bar is None  # Closed at the period's end.
+  assert 'to 4' in out.getvalue()
+  progress(6)  # Resumed mid-period: the bar starts where the period did.
+  assert (progress._bar.total, progress._bar.n) == (4, 2)
+  progress(10)  # The last period is cut short by the run's end.
+  assert progress._bar is None and 'to 10' in out.getvalue()
+
+
+def test_without_a_bar_lines_give_the_rate_and_eta(monkeypatch):
+  lines, clock = [], iter([0.0, 10.0, 40.0])
+  monkeypatch.setattr(reporting.time, 'monotonic', lambda: next(clock))
+  monkeypatch.setattr(logging, 'info', lambda fmt, *a: lines.append(fmt % a))
+  progress = reporting.Progress(total_steps=100, every=10, bar=False,
+                                every_secs=30.0)
+  progress(1)   # t=0: starts the clock (compiling).
+  progress(5)   # t=10: too soon for a line.
+  progress(31)  # t=40: 30 steps in 40 s.
+  assert lines == ['step 31/100  0.8 steps/s  ETA 0:01:32']

@@ -1,0 +1,121 @@
+"""The training options beyond the paper: label smoothing, a moving average of
+the weights, and what the history selects and reports with it.
+
+The steps are the library's, on a stand-in network that compiles in a
+moment (one dense class layer and a batch norm); the options on the real
+network and the binary are checked in test_confusion.py's trained run.
+"""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from allconv_jax import config as config_lib, history, models, reporting, sharding, steps
+
+NUM_CLASSES = 5
+BATCH = 8
+
+
+class _Tiny(nn.Module):
+  """Batch norm then one dense class layer: params and batch statistics."""
+  axis_name: str | None = sharding.AXIS  # None outside the train step.
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = images.reshape(len(images), -1)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.5,
+                     axis_name=self.axis_name if train else None)(x)
+    return nn.Dense(NUM_CLASSES)(x)
+
+
+def _batch(seed):
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((BATCH, *models.INPUT_SHAPE)).astype(np.float32)
+  return images, (np.arange(BATCH) % NUM_CLASSES).astype(np.int32)
+
+
+def _start(model, tx, ema_decay):
+  mesh = sharding.make_mesh()
+  state = steps.with_ema(steps.init_state(model, tx, 0, mesh), ema_decay)
+  return mesh, state, steps.TrainMetrics.empty()
+
+
+def _step(model, tx, mesh, **options):
+  return steps.make_train_step(model, tx, mesh, seed=0, max_shift=0, flip=False,
+                               **options)
+
+
+def test_label_smoothing_trains_on_the_smoothed_targets():
+  model, tx, alpha = _Tiny(), optax.sgd(0.1), 0.2
+  mesh, state, metrics = _start(model, tx, 0.0)
+  images, labels = _batch(0)
+  variables = jax.device_get(state.variables())
+  logits, _ = _Tiny(axis_name=None).apply(variables, images, train=True,
+                                          mutable=['batch_stats'])
+  # The definition: targets (1 - alpha) one_hot + alpha / K.
+  targets = (1 - alpha) * np.eye(NUM_CLASSES)[labels] + alpha / NUM_CLASSES
+  log_p = np.asarray(jax.nn.log_softmax(logits))
+  expected = -(targets * log_p).sum(-1).mean()
+  plain = -log_p[np.arange(BATCH), labels].mean()
+  assert abs(expected - plain) > 1e-3  # The smoothing changes the loss.
+  _, smoothed = _step(model, tx, mesh, label_smoothing=alpha)(state, metrics, images, labels)
+  assert float(smoothed.loss.compute()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_moving_average_follows_its_definition_for_params_and_batch_stats():
+  model, tx, decay = _Tiny(), optax.sgd(0.5), 0.6
+  mesh, state, metrics = _start(model, tx, decay)
+  step = _step(model, tx, mesh, ema_decay=decay)
+  flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves(
+      jax.device_get(dict(params=s.params, batch_stats=s.batch_stats)))])
+  average = flat(state)
+  for t in range(4):
+    state, metrics = step(state, metrics, *_batch(t))
+    # TensorFlow's ExponentialMovingAverage with num_updates = t.
+    d = min(decay, (1 + t) / (10 + t))
+    average = d * average + (1 - d) * flat(state)
+    ema = np.concatenate([np.ravel(x) for x in jax.tree.leaves(
+        jax.device_get(state.ema))])
+    np.testing.assert_allclose(ema, average, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(average, flat(state))  # It lags the weights.
+  # Off, the state carries no average at all.
+  assert steps.with_ema(state, 0.0).ema == {}
+
+
+def _row(epoch, val, ema_val, test, ema_test):
+  return dict(epoch=epoch, step=epoch, validation_accuracy=val,
+              ema_validation_accuracy=ema_val, test_accuracy=test,
+              ema_test_accuracy=ema_test, test_flip_accuracy=test,
+              ema_test_flip_accuracy=ema_test + 0.01)
+
+
+def test_with_a_moving_average_its_validation_accuracy_selects():
+  rows = [_row(1, 0.9, 0.5, 0.91, 0.52), _row(2, 0.6, 0.8, 0.61, 0.82),
+          _row(3, 0.7, 0.7, 0.71, 0.72)]
+  config = config_lib.defaults()
+  config.ema_decay = 0.99
+  prefix = history.weights_prefix(config)
+  best = dict(accuracy=0.8, epoch=2)  # As History.add keeps it.
+  out = reporting.summary(rows, best, True, prefix)
+  assert out['weights'] == 'moving_average'
+  assert (out['selected_epoch'], out['selected_validation_accuracy'],
+          out['selected_test_accuracy'], out['selected_test_flip_accuracy']) == (
+              2, 0.8, 0.82, 0.83)
+  assert out['final_test_accuracy'] == 0.72
+  config.ema_decay = 0.0
+  assert history.weights_prefix(config) == ''
+  assert reporting.summary(rows, dict(accuracy=0.9, epoch=1), True)[
+      'selected_test_accuracy'] == 0.91
+
+
+def test_csv_keeps_the_extra_columns_before_seconds(tmp_path):
+  row = dict.fromkeys(reporting.COLUMNS, 0.5)
+  row.update(step=1, epoch=1, ema_test_accuracy=0.25, test_flip_accuracy=0.75)
+  path = str(tmp_path / 'm.csv')
+  reporting.write_csv(path, [row])
+  header = (tmp_path / 'm.csv').read_text().splitlines()[0].split(',')
+  assert header == [*reporting.COLUMNS[:-1], 'ema_test_accuracy',
+                    'test_flip_accuracy', 'seconds']
+  assert reporting.read_csv(path)[0]['test_flip_accuracy'] == 0.75
