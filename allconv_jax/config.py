@@ -219,6 +219,17 @@ def defaults() -> ml_collections.ConfigDict:
   config.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port'
   config.distributed.num_processes = config_dict.placeholder(int)
   config.distributed.process_id = config_dict.placeholder(int)
+  # Seconds a process waits for all the others to join before a one-line
+  # error (JAX's default; a host of a cluster job may start late).
+  config.distributed.initialization_timeout = 300
+  # Seconds without a heartbeat after which a process counts as dead and the
+  # others stop with a one-line error (JAX's default: long enough for a
+  # process busy writing a checkpoint or compiling).
+  config.distributed.heartbeat_timeout = 100
+  # Every this many steps the processes agree, with one all-reduce, whether
+  # any of them got SIGTERM or SIGINT; then all save at the same step and
+  # stop. Unused in a single process, which checks its signals every step.
+  config.distributed.stop_check_every_steps = 10
   return config
 
 
@@ -345,3 +356,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   top_k = config.predict.top_k
   need(isinstance(top_k, int) and top_k >= 1, 'predict.top_k',
        f'must be a positive integer, got {top_k!r}')
+  validate_distributed(config)
+
+
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+  """The checks of ``config.distributed``, also made before JAX starts."""
+  dist = config.distributed
+  for field in ('initialization_timeout', 'heartbeat_timeout',
+                'stop_check_every_steps'):
+    value = dist[field]
+    if not (isinstance(value, int) and value > 0):
+      raise UserError(f'distributed.{field}: must be a positive integer, '
+                      f'got {value!r}')
+  count, index = dist.num_processes, dist.process_id
+  if count is not None and count < 1:
+    raise UserError(f'distributed.num_processes: must be a positive integer, '
+                    f'got {count!r}')
+  if (count is None) != (index is None) and dist.coordinator_address:
+    raise UserError('distributed.process_id: set num_processes and process_id '
+                    'together (or neither, for JAX to detect them)')
+  if index is not None and not 0 <= index < (count or index + 1):
+    raise UserError(f'distributed.process_id: {index} is not in 0..{count - 1} '
+                    f'(num_processes={count})')
