@@ -16,6 +16,7 @@ checkpoint together.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import re
 import sys
@@ -81,6 +82,24 @@ def initialize(config) -> None:
         f'distributed.num_processes: {dist.num_processes} here, but the '
         f'coordinator was started for {jax.process_count()}; give every '
         'process the same num_processes')
+  if jax.process_count() > 1:
+    _connect_collectives()
+
+
+def _connect_collectives() -> None:
+  """Runs the run's kinds of collective once, while the processes are in step.
+
+  Gloo connects the processes of a collective the first time it runs, and
+  gives up if one of them is more than 30 s late (fixed in jaxlib 0.10.2).
+  Later, processes can be further apart than that at a first use: one
+  compiles a step for longer, or loads data more slowly. Connected here, just
+  after `jax.distributed.initialize` has brought them together, the later
+  collectives reuse these connections and wait for as long as it takes.
+  """
+  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils
+  Agreement(1)(0, None)  # The train step's kind: over every device.
+  multihost_utils.sync_global_devices('allconv_jax: connect')  # Orbax's kind.
 
 
 class _Watchdog(threading.Thread):
@@ -242,13 +261,6 @@ class Agreement:
     self._next = None
     self._step = None
     self._agreed = None
-    mesh = jax.make_mesh((jax.device_count(),), ('p',),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('p'))
-    self._local = len(jax.local_devices())
-    self._max = jax.jit(lambda x: x.max(),
-                        out_shardings=jax.sharding.NamedSharding(
-                            mesh, jax.sharding.PartitionSpec()))
 
   def __call__(self, step: int, signum: int | None) -> int | None:
     """The agreed signal at `step` (None: go on); the same on every process."""
@@ -259,8 +271,24 @@ class Agreement:
     if step < self._next:
       return None
     self._next = step + self.every
-    mine = np.full((self._local,), signum or 0, np.int32)
-    agreed = int(self._max(jax.make_array_from_process_local_data(
-        self._sharding, mine, (jax.device_count(),))))
+    sharding, largest = _agreement_program()
+    mine = np.full((jax.local_device_count(),), signum or 0, np.int32)
+    agreed = int(largest(jax.make_array_from_process_local_data(
+        sharding, mine, (jax.device_count(),))))
     self._step, self._agreed = step, agreed or None
     return self._agreed
+
+
+@functools.cache
+def _agreement_program():
+  """The sharding of one integer per device, and their jitted maximum.
+
+  One program for the whole run, compiled (and its connections made) by
+  `_connect_collectives`.
+  """
+  mesh = jax.make_mesh((jax.device_count(),), ('processes',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  spec = jax.sharding.PartitionSpec
+  largest = jax.jit(lambda x: x.max(),
+                    out_shardings=jax.sharding.NamedSharding(mesh, spec()))
+  return jax.sharding.NamedSharding(mesh, spec('processes')), largest
