@@ -11,6 +11,10 @@ that never completes. `Agreement` makes the processes agree on whether any of
 them was asked to stop, every ``distributed.stop_check_every_steps`` steps,
 with one tiny all-reduce; they then stop at the same step and save one
 checkpoint together.
+
+A process that dies would leave the others blocked in a collective; JAX
+detects it but then aborts them with C++ fatal logs. `_Watchdog` ends them
+first, each with one line.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import atexit
 import functools
 import os
-import re
 import sys
 import threading
 import time
@@ -46,10 +49,14 @@ def initialize(config) -> None:
   MPI, Cloud TPU, ...). With neither, a single process runs on its local
   devices.
 
+  Processes that have not all joined within
+  ``distributed.initialization_timeout`` seconds end with one line and exit
+  status 2 (JAX would abort with a C++ fatal log). Once joined, a watchdog
+  (`_Watchdog`) ends this process with one line if another one dies.
+
   Raises:
-    UserError: for inconsistent fields, a coordinator that did not answer
-      within ``distributed.initialization_timeout`` seconds, or processes
-      that disagree on their number.
+    UserError: for inconsistent fields, processes that disagree on their
+      number, or another error of `jax.distributed.initialize`.
   """
   if not wanted(config):
     return

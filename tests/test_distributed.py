@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 
