@@ -188,7 +188,8 @@ class _Watchdog(threading.Thread):
           self.key, f'{_FAILED}{status}' if failed else _DONE,
           allow_overwrite=True)
       if failed and jax.process_index() == 0:
-        deadline = time.monotonic() + _GRACE_SECONDS
+        # Longer than the others' grace, so that they end on their lines.
+        deadline = time.monotonic() + _GRACE_SECONDS + 2
         while time.monotonic() < deadline and any(
             v != _DONE and not v.startswith(_FAILED)
             for _, v in self.client.key_value_dir_get(self.PREFIX)):
@@ -216,6 +217,19 @@ def exiting(status: int) -> None:
   """
   global _exit_status
   _exit_status = status
+
+
+def failure_line(error: Exception) -> str | None:
+  """The one line for a collective between processes that failed, or None.
+
+  None for a single process, and for any other error: those stay tracebacks.
+  """
+  if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+    return None
+  cause = next((l.strip() for l in str(error).splitlines() if l.strip()), '')
+  return (f'error: distributed: a collective between the processes failed '
+          f'({cause[:200]}); restart every process with the same command to '
+          'resume from the last checkpoint')
 
 
 def _lost(cause: str, status: int = 1) -> None:

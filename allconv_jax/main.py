@@ -85,6 +85,11 @@ def main(argv):
     _exit(f'stopped: {e}', 128 + e.signum)
   except KeyboardInterrupt:  # Before training started: nothing to save yet.
     _exit('stopped: SIGINT before training started', 130)
+  except Exception as e:  # pylint: disable=broad-except
+    line = distributed.failure_line(e)  # Between processes: one line.
+    if line is None:
+      raise
+    _exit(line, 1)
 
 
 def parse_flags(argv):

@@ -7,16 +7,20 @@ collectives between processes (JAX's default on CPU). The network is the
 tiny All-CNN-C of tests/test_robustness.py (width 0.125, digits 0-4, batch
 32: 14 steps per epoch), 2 epochs, a checkpoint every 5 steps.
 
-The module fixture `lab` starts all runs at once, in two lanes:
+The module fixture `lab` starts all runs at once, in two lanes (each pair
+is two processes at once; the machine has two cores):
 
-* pairs: A (uninterrupted); B, whose process 1 alone gets SIGTERM, then
-  restarted, SIGKILLed (both), and restarted to the end;
-* R (one process with 4 devices), D (a pair whose process 1 is SIGKILLed),
-  the bad inputs, and a single process resuming B's preempted checkpoint.
+* A, a pair, uninterrupted; then B, a pair on another workdir: its process 1
+  alone gets SIGTERM (both must stop at one step); restarted, with a short
+  heartbeat timeout, its process 1 is SIGKILLed (process 0 must end by
+  itself with one line); restarted again, it must end bit for bit like A;
+* R, one process with 4 devices (A's metrics must match it within float
+  rounding); the bad inputs that need processes; and one process with 4
+  devices resuming a copy of B's workdir at its SIGTERM checkpoint.
 
 Every process of a pair runs through tests/distributed_worker.py, which
 records the files it opens for writing. All share conftest.py's compilation
-cache.
+cache. About 4 minutes of wall time on 2 busy cores (5 CPU-minutes).
 """
 
 import concurrent.futures
