@@ -20,7 +20,9 @@ is two processes at once; the machine has two cores):
 
 Every process of a pair runs through tests/distributed_worker.py, which
 records the files it opens for writing. All share conftest.py's compilation
-cache. About 4 minutes of wall time on 2 busy cores (5 CPU-minutes).
+cache. 4-6.5 minutes of wall time on 2 cores busy with other work (5.5-7.5
+CPU-minutes), over the 2 minutes wanted: 15 process start-ups and two cold
+compilations (a pair, one process with 4 devices) are most of it.
 """
 
 import concurrent.futures
