@@ -42,7 +42,11 @@ def _manager(directory: str, best: bool, keep: int = 3, create: bool = True
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1 if best else keep, create=create,
       best_fn=(lambda m: m['validation_accuracy']) if best else None,
-      best_mode='max')
+      best_mode='max',
+      # With several processes, orbax names its barriers by step: the best
+      # and the latest save of one step would share (and break) one.
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix='best' if best else 'latest'))
   # Naming the handlers lets a fresh process read item metadata (shapes)
   # before restoring anything.
   handlers = {'state': ocp.StandardCheckpointHandler(),

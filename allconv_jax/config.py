@@ -162,24 +162,20 @@ def defaults() -> ml_collections.ConfigDict:
   # L2 penalty added to the gradient of every parameter.
   config.weight_decay = 0.001
 
-  # Options the paper does not use (off in its configs); measured on digits
-  # in experiments/results/training_options_digits/.
-  # Label smoothing (optax.smooth_labels): the training targets give this
-  # much of their mass evenly to all classes (0: one-hot). The train loss
-  # reported is the smoothed one; evaluation losses stay plain cross-entropy.
+  # Options the paper does not use, measured on digits in
+  # experiments/results/training_options_digits/. Label smoothing
+  # (optax.smooth_labels): this much of the targets' mass goes evenly to all
+  # classes (0: one-hot); evaluation losses stay plain cross-entropy.
   config.label_smoothing = 0.0
-  # Exponential moving average of the weights and batch-norm statistics,
-  # updated after every step with decay min(ema_decay, (1 + t) / (10 + t)) at
-  # step t (TensorFlow's ExponentialMovingAverage with num_updates), started
-  # from the weights training starts from. 0: off. With it, the average is
-  # evaluated beside the trained weights (metrics.csv's ema_* columns),
-  # checkpointed with them, selects the checkpoint on validation, and is what
-  # eval, visualize, predict, export and transfer load.
+  # Moving average of the weights and batch-norm statistics, updated after
+  # each step t with decay min(ema_decay, (1 + t) / (10 + t)) (TensorFlow's
+  # ExponentialMovingAverage with num_updates); 0: off. It is evaluated
+  # beside the trained weights (ema_* columns), checkpointed, selects on
+  # validation, and is what eval, visualize, predict, export and transfer load.
   config.ema_decay = 0.0
-  # Also evaluate with horizontal-flip test-time augmentation: the class of
-  # the mean softmax of each image and of its mirror image, reported beside
-  # the plain accuracy (*_flip_accuracy columns); it never selects, and
-  # eval, predict and export stay plain.
+  # Also evaluate with horizontal-flip test-time augmentation (the mean
+  # softmax of each image and its mirror; *_flip_accuracy columns), which
+  # never selects; eval, predict and export stay plain.
   config.eval_flip = False
 
   # Seed of initialization, batch order, augmentation and dropout.
@@ -239,6 +235,17 @@ def defaults() -> ml_collections.ConfigDict:
   config.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port'
   config.distributed.num_processes = config_dict.placeholder(int)
   config.distributed.process_id = config_dict.placeholder(int)
+  # Seconds a process waits for all the others to join before a one-line
+  # error (JAX's default; a host of a cluster job may start late).
+  config.distributed.initialization_timeout = 300
+  # Seconds without a heartbeat after which a process counts as dead and the
+  # others stop with a one-line error (JAX's default: long enough for a
+  # process busy writing a checkpoint or compiling).
+  config.distributed.heartbeat_timeout = 100
+  # Every this many steps the processes agree, with one all-reduce, whether
+  # any of them got SIGTERM or SIGINT; then all save at the same step and
+  # stop. Unused in a single process, which checks its signals every step.
+  config.distributed.stop_check_every_steps = 10
   return config
 
 
@@ -369,3 +376,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   top_k = config.predict.top_k
   need(isinstance(top_k, int) and top_k >= 1, 'predict.top_k',
        f'must be a positive integer, got {top_k!r}')
+  validate_distributed(config)
+
+
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+  """The checks of ``config.distributed``, also made before JAX starts."""
+  dist = config.distributed
+  for field in ('initialization_timeout', 'heartbeat_timeout',
+                'stop_check_every_steps'):
+    value = dist[field]
+    if not (isinstance(value, int) and value > 0):
+      raise UserError(f'distributed.{field}: must be a positive integer, '
+                      f'got {value!r}')
+  count, index = dist.num_processes, dist.process_id
+  if count is not None and count < 1:
+    raise UserError(f'distributed.num_processes: must be a positive integer, '
+                    f'got {count!r}')
+  if (count is None) != (index is None) and dist.coordinator_address:
+    raise UserError('distributed.process_id: set num_processes and process_id '
+                    'together (or neither, for JAX to detect them)')
+  if index is not None and not 0 <= index < (count or index + 1):
+    raise UserError(f'distributed.process_id: {index} is not in 0..{count - 1} '
+                    f'(num_processes={count})')

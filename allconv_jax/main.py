@@ -55,6 +55,9 @@ def _quiet_libraries(record: std_logging.LogRecord) -> bool:
 
 def _exit(message: str, status: int) -> None:
   print(message, file=sys.stderr, flush=True)
+  # The other processes of a multi-process run learn how this one ended.
+  if 'allconv_jax.distributed' in sys.modules:
+    sys.modules['allconv_jax.distributed'].exiting(status)
   sys.exit(status)
 
 
@@ -63,10 +66,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_libraries)
   # Imported here so that --help and flag errors do not pay for JAX start-up.
   # pylint: disable=g-import-not-at-top
-  from allconv_jax import (export, predict, sharding, stopping, train,
+  from allconv_jax import (distributed, export, predict, stopping, train,
                            trained, visualize)
   try:
-    sharding.initialize_distributed(FLAGS.config)
+    distributed.initialize(FLAGS.config)
     run = {'train': train.train_and_evaluate,
            'eval': trained.evaluate_checkpoint,
            'visualize': visualize.visualize_checkpoint,
@@ -82,6 +85,11 @@ def main(argv):
     _exit(f'stopped: {e}', 128 + e.signum)
   except KeyboardInterrupt:  # Before training started: nothing to save yet.
     _exit('stopped: SIGINT before training started', 130)
+  except Exception as e:  # pylint: disable=broad-except
+    line = distributed.failure_line(e)  # Between processes: one line.
+    if line is None:
+      raise
+    _exit(line, 1)
 
 
 def parse_flags(argv):

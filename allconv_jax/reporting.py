@@ -231,6 +231,11 @@ class Progress:
       self._last = (now, step)
       return
     then, before = self._last
+    if step % self.every == 0 or step == self.total_steps:
+      # The evaluation's line follows, with the run's ETA; the next line
+      # counts from here.
+      self._last = (now, step)
+      return
     if now - then >= self.every_secs and step > before:
       rate = (step - before) / (now - then)
       logging.info('step %d/%d  %.1f steps/s  ETA %s', step, self.total_steps,

@@ -59,23 +59,3 @@ def global_batch(mesh: Mesh, *local_arrays: np.ndarray) -> list[jax.Array]:
     out.append(jax.make_array_from_process_local_data(sharding, x, global_shape))
   return out
 
-
-def initialize_distributed(config) -> None:
-  """Joins a multi-process (multi-host) run when the config or environment asks.
-
-  Must run before JAX does any computation. With
-  ``config.distributed.initialize`` true, or a coordinator address in the
-  config, `jax.distributed.initialize` is called with the fields that are set;
-  fields left unset are detected by JAX from cluster environments (SLURM, Open
-  MPI, Cloud TPU, ...). With neither, a single process runs on its local
-  devices.
-  """
-  dist = config.get('distributed')
-  if dist is None:
-    return
-  if not (dist.initialize or dist.coordinator_address):
-    return
-  kwargs = {name: dist[name] for name in
-            ('coordinator_address', 'num_processes', 'process_id')
-            if dist[name] is not None}
-  jax.distributed.initialize(**kwargs)

@@ -19,12 +19,34 @@ class StopRequests:
 
   A cluster scheduler preempts with SIGTERM, a person with Ctrl-C; either
   way the step under way finishes, a checkpoint is saved and `Interrupted`
-  raised, so the same command resumes.
+  raised, so the same command resumes. With several processes the signal may
+  reach one host only, so the processes agree on it first (`requested`).
   """
 
-  def __init__(self):
+  def __init__(self, check_every_steps: int = 1):
     self.signum = None
     self._previous = {}
+    self._agreement = None
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      from allconv_jax import distributed  # pylint: disable=g-import-not-at-top
+      self._agreement = distributed.Agreement(check_every_steps)
+
+  def requested(self, step: int) -> int | None:
+    """The signal to stop on after `step`, or None to go on.
+
+    One process: the signal received, if any, at no cost. Several: the
+    signal any of them received, agreed by all at the same step, every
+    ``check_every_steps`` steps (see `allconv_jax.distributed.Agreement`);
+    the same answer for every call at one step. The agreed signal becomes
+    `signum` on every process.
+    """
+    if self._agreement is None:
+      return self.signum
+    agreed = self._agreement(step, self.signum)
+    if agreed is not None:
+      self.signum = agreed
+    return agreed
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -252,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = reporting.Progress(run.total_steps, every, lambda end: (
         f'epoch {reporting.epoch_of(end, run.batches.steps_per_epoch)}/{epochs:g}'))
     test_confusion = None
-    with stopping.StopRequests() as stop:
+    with stopping.StopRequests(config.distributed.stop_check_every_steps) as stop:
       while step < run.total_steps:
         end = _chunk_end(run, step, length)
         indices, = sharding.global_batch(
@@ -265,11 +265,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           _check_finite(run, train_metrics)
           train_metrics, test_confusion = evaluate_and_save(
               run, record, eval_step, state, train_metrics, splits)
-        elif stop.signum is not None or (
+        elif stop.requested(step) or (
             config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
           _check_finite(run, train_metrics)
           record.save(state, train_metrics)
-        if stop.signum is not None:
+        if stop.requested(step):
           raise stopping.Interrupted(stop.signum, step)
     run.checkpoints.close()
     # Per-class results of the final state (--mode=eval: of the selected

@@ -24,7 +24,7 @@ def test_bar_runs_per_period_and_closes_at_its_end():
 
 
 def test_without_a_bar_lines_give_the_rate_and_eta(monkeypatch):
-  lines, clock = [], iter([0.0, 10.0, 40.0])
+  lines, clock = [], iter([0.0, 10.0, 40.0, 80.0, 81.0])
   monkeypatch.setattr(reporting.time, 'monotonic', lambda: next(clock))
   monkeypatch.setattr(logging, 'info', lambda fmt, *a: lines.append(fmt % a))
   progress = reporting.Progress(total_steps=100, every=10, bar=False,
@@ -32,4 +32,6 @@ def test_without_a_bar_lines_give_the_rate_and_eta(monkeypatch):
   progress(1)   # t=0: starts the clock (compiling).
   progress(5)   # t=10: too soon for a line.
   progress(31)  # t=40: 30 steps in 40 s.
+  progress(40)  # t=80: an evaluation's step: its own line follows.
+  progress(41)  # t=81: too soon after the last line.
   assert lines == ['step 31/100  0.8 steps/s  ETA 0:01:32']
