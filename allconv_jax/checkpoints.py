@@ -144,13 +144,28 @@ def restore(directory: str, template: Any, expected_meta: dict | None = None,
     raise UserError(f'checkpoint: no checkpoint in {directory}')
   manager = open_manager(directory)
   meta = _check_meta(manager, step, directory, expected_meta)
-  want = serialization.to_state_dict(template)
+  full = serialization.to_state_dict(template)
   have = manager.item_metadata(step)['state'].tree
-  check_compatible(want, have, directory)
+  check_compatible(full, have, directory)
+  want = _present(full, have)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, want)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))['state']
-  return serialization.from_state_dict(template, restored), meta
+  return serialization.from_state_dict(template, _filled(restored, full)), meta
+
+
+def _present(want: dict, have: dict) -> dict:
+  """`want` without its empty subtrees that `have` lacks: a checkpoint of an
+  earlier version has no ``ema`` (nor, without batch norm, ``batch_stats``)."""
+  return {k: _present(v, have[k]) if isinstance(v, dict) and isinstance(
+      have.get(k), dict) else v
+          for k, v in want.items() if k in have or jax.tree.leaves(v)}
+
+
+def _filled(restored: dict, full: dict) -> dict:
+  """`restored` with the empty subtrees `_present` left out put back."""
+  return {k: _filled(restored[k], v) if isinstance(v, dict) and k in restored
+          else restored.get(k, v) for k, v in full.items()}
 
 
 def restore_tree(directory: str, step: int, expected_meta: dict | None = None,

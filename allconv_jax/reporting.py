@@ -226,16 +226,16 @@ class Progress:
       self._bar = None
 
   def _line(self, step: int) -> None:
+    if step % self.every == 0 or step == self.total_steps:
+      # The evaluation's line follows, with the run's ETA. The next period's
+      # rate counts from its first step: not the evaluation's time.
+      self._last = None
+      return
     now = time.monotonic()
     if self._last is None:  # The first step's time is mostly compiling.
       self._last = (now, step)
       return
     then, before = self._last
-    if step % self.every == 0 or step == self.total_steps:
-      # The evaluation's line follows, with the run's ETA; the next line
-      # counts from here.
-      self._last = (now, step)
-      return
     if now - then >= self.every_secs and step > before:
       rate = (step - before) / (now - then)
       logging.info('step %d/%d  %.1f steps/s  ETA %s', step, self.total_steps,

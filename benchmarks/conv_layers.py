@@ -20,7 +20,6 @@ import time
 import common
 from allconv_jax import conv, models  # Before JAX starts: its XLA flags.
 import jax
-import jax.numpy as jnp
 
 IMPLS = ('subpixel', 'onednn')
 PASSES = ('forward', 'input grad', 'kernel grad')

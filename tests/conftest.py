@@ -59,8 +59,10 @@ def run_binary(*args, env=None, timeout=600, python=None):
                         env=full_env, timeout=timeout)
 
 
-def run_main(capsys, *args):
+def run_main(capsys, *args, stdout=None):
   """Runs the binary's `main` in this process; returns (exit code, stderr).
+
+  With a list as `stdout`, what the run printed there is appended to it.
 
   Same flag parsing, config loading and error handling as the binary, without
   paying for a new Python and JAX start-up per case.
@@ -85,7 +87,10 @@ def run_main(capsys, *args):
     os.chdir(cwd)
     sys.argv = argv
     flags.FLAGS.unparse_flags()
-  return code, capsys.readouterr().err
+  captured = capsys.readouterr()
+  if stdout is not None:
+    stdout.append(captured.out)
+  return code, captured.err
 
 
 def snapshot(directory):

@@ -8,6 +8,8 @@ that it also holds the table of bad inputs: pure data, kept here so that
 test_robustness.py stays short.
 """
 
+import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import json
@@ -15,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -125,6 +128,23 @@ class Lab:
         future.set_result(fn(self, *args))
       except BaseException as e:  # pylint: disable=broad-except
         future.set_exception(e)
+
+  @contextlib.contextmanager
+  def running(self, lanes):
+    """Runs each lane (a list of jobs, see `lane`) on a thread of its own,
+    all at once, until the block ends; then stops whatever still runs."""
+    for name, _, _ in sum(lanes, []):
+      self.futures[name] = concurrent.futures.Future()
+    threads = [threading.Thread(target=self.lane, args=(jobs,), daemon=True)
+               for jobs in lanes]
+    for thread in threads:
+      thread.start()
+    try:
+      yield self
+    finally:
+      self.stop()
+      for thread in threads:
+        thread.join(timeout=60)
 
   def stop(self):
     self.closing = True

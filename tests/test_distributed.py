@@ -25,14 +25,12 @@ CPU-minutes), over the 2 minutes wanted: 15 process start-ups and two cold
 compilations (a pair, one process with 4 devices) are most of it.
 """
 
-import concurrent.futures
 import json
 import os
 import re
 import shutil
 import signal
 import socket
-import threading
 import time
 
 import numpy as np
@@ -214,18 +212,8 @@ def lab(tmp_path_factory):
            ((), ('--config.distributed.num_processes=3',))),
        job('single', single_resume)],
   ]
-  for name, _, _ in sum(lanes, []):
-    lab.futures[name] = concurrent.futures.Future()
-  threads = [threading.Thread(target=lab.lane, args=(jobs,), daemon=True)
-             for jobs in lanes]
-  for thread in threads:
-    thread.start()
-  try:
+  with lab.running(lanes):
     yield lab
-  finally:
-    lab.stop()
-    for thread in threads:
-      thread.join(timeout=60)
 
 
 # ----------------------------------------------------------------- tests

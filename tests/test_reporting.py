@@ -24,7 +24,7 @@ def test_bar_runs_per_period_and_closes_at_its_end():
 
 
 def test_without_a_bar_lines_give_the_rate_and_eta(monkeypatch):
-  lines, clock = [], iter([0.0, 10.0, 40.0, 80.0, 81.0])
+  lines, clock = [], iter([0.0, 10.0, 40.0, 200.0, 210.0, 240.0])
   monkeypatch.setattr(reporting.time, 'monotonic', lambda: next(clock))
   monkeypatch.setattr(logging, 'info', lambda fmt, *a: lines.append(fmt % a))
   progress = reporting.Progress(total_steps=100, every=10, bar=False,
@@ -32,6 +32,9 @@ def test_without_a_bar_lines_give_the_rate_and_eta(monkeypatch):
   progress(1)   # t=0: starts the clock (compiling).
   progress(5)   # t=10: too soon for a line.
   progress(31)  # t=40: 30 steps in 40 s.
-  progress(40)  # t=80: an evaluation's step: its own line follows.
-  progress(41)  # t=81: too soon after the last line.
-  assert lines == ['step 31/100  0.8 steps/s  ETA 0:01:32']
+  progress(40)  # An evaluation's step: its own line follows.
+  progress(41)  # t=200, after the evaluation: starts the clock again.
+  progress(45)  # t=210: too soon for a line.
+  progress(71)  # t=240: 30 steps in 40 s, the evaluation's time left out.
+  assert lines == ['step 31/100  0.8 steps/s  ETA 0:01:32',
+                   'step 71/100  0.8 steps/s  ETA 0:00:38']

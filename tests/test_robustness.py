@@ -19,7 +19,6 @@ their own, so restarts do not compile again, except C, which compiles from
 scratch.
 """
 
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -27,7 +26,6 @@ import pathlib
 import re
 import shutil
 import signal
-import threading
 
 import pytest
 
@@ -189,18 +187,8 @@ def lab(tmp_path_factory):
        job('nan_resume', nan_resume, lab.base / 'nan'),
        *bad['trained']],
   ]
-  for name, _, _ in sum(lanes, []):
-    lab.futures[name] = concurrent.futures.Future()
-  threads = [threading.Thread(target=lab.lane, args=(jobs,), daemon=True)
-             for jobs in lanes]
-  for thread in threads:
-    thread.start()
-  try:
+  with lab.running(lanes):
     yield lab
-  finally:
-    lab.stop()
-    for thread in threads:
-      thread.join(timeout=60)
 
 
 # ----------------------------------------------------------------- tests

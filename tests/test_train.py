@@ -242,10 +242,11 @@ def test_without_a_validation_split_the_final_checkpoint_is_used(tmp_path, capsy
   assert summary['selected_validation_accuracy'] is None
   assert all(r['validation_accuracy'] == 'nan' for r in rows)
   assert not os.listdir(workdir / 'checkpoints' / 'best')
-  evaluated = run_binary(*TINY, f'--workdir={workdir}', '--mode=eval',
-                         '--config.dataset.validation_size=0')
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  report = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  out = []
+  code, err = run_main(capsys, *TINY, f'--workdir={workdir}', '--mode=eval',
+                       '--config.dataset.validation_size=0', stdout=out)
+  assert code == 0, err[-3000:]
+  report = json.loads(out[0].strip().splitlines()[-1])
   assert report['step'] == int(rows[-1]['step'])
   assert report['test_accuracy'] == pytest.approx(float(rows[-1]['test_accuracy']), abs=1e-6)
   # A preprocessing file of the old definition (no version) is refused.

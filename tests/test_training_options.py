@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from allconv_jax import config as config_lib, history, models, reporting, sharding, steps
+from allconv_jax import (checkpoints, config as config_lib, history, models,
+                         reporting, sharding, steps)
 
 NUM_CLASSES = 5
 BATCH = 8
@@ -119,3 +120,23 @@ def test_csv_keeps_the_extra_columns_before_seconds(tmp_path):
   assert header == [*reporting.COLUMNS[:-1], 'ema_test_accuracy',
                     'test_flip_accuracy', 'seconds']
   assert reporting.read_csv(path)[0]['test_flip_accuracy'] == 0.75
+
+
+def test_a_checkpoint_saved_before_the_moving_average_existed_resumes(tmp_path):
+  # Saved as earlier versions did: no `ema` in the state. Restored into
+  # today's state, whose `ema` is {} without ema_decay. Read as unreadable,
+  # it would be quarantined and the run would start over.
+  saved = checkpoints.Checkpoints(str(tmp_path))
+  params = {'dense': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  old = dict(step=np.array(7, np.int32), params=params, batch_stats={}, opt_state={})
+  saved.save(7, dict(state=old, train_metrics={}), dict(step=7))
+  saved.wait()
+  saved.close()
+  template = dict(state=steps.TrainState(
+      step=np.array(0, np.int32), params=jax.tree.map(np.zeros_like, params),
+      batch_stats={}, opt_state={}), train_metrics={})
+  restored, meta = checkpoints.restore(saved.latest_dir, template)
+  assert meta['step'] == 7 and int(restored['state'].step) == 7
+  assert restored['state'].ema == {}
+  np.testing.assert_array_equal(restored['state'].params['dense']['kernel'],
+                                params['dense']['kernel'])
