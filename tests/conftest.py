@@ -107,3 +107,15 @@ def snapshot(directory):
 @pytest.fixture(scope='session')
 def repo():
   return REPO
+
+
+# The modules that run longest (most of them start processes of their own)
+# go first: `make test` hands each of its two workers a file at a time, and a
+# long module picked up last would run alone while the other worker idles.
+_LONGEST_FIRST = ('test_robustness.py', 'test_distributed.py', 'test_train.py',
+                  'test_experiments.py', 'test_notebook.py', 'test_transfer.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
