@@ -103,19 +103,18 @@ def _flip_correct(logits, flip_logits, labels, **_):
   return (jnp.argmax(probabilities, -1) == labels).astype(jnp.float32)
 
 
-def metric_names(flip: bool) -> tuple[str, ...]:
-  """The scalar metrics of `make_eval_step`'s, with or without `flip`."""
-  return ('loss', 'accuracy', 'flip_accuracy') if flip else ('loss', 'accuracy')
-
-
-EvalMetrics = metrics.Collection.create(
-    loss=metrics.Average.from_fun(_cross_entropy),
-    accuracy=metrics.Average.from_fun(_correct), confusion=Confusion)
+_EVAL_METRICS = dict(loss=metrics.Average.from_fun(_cross_entropy),
+                     accuracy=metrics.Average.from_fun(_correct))
+EvalMetrics = metrics.Collection.create(**_EVAL_METRICS, confusion=Confusion)
 # With horizontal-flip test-time augmentation reported beside.
 FlipEvalMetrics = metrics.Collection.create(
-    loss=metrics.Average.from_fun(_cross_entropy),
-    accuracy=metrics.Average.from_fun(_correct), confusion=Confusion,
+    **_EVAL_METRICS, confusion=Confusion,
     flip_accuracy=metrics.Average.from_fun(_flip_correct))
+
+
+def metric_names(flip: bool) -> tuple[str, ...]:
+  """The scalar metrics of `make_eval_step`'s, with or without `flip`."""
+  return (*_EVAL_METRICS, 'flip_accuracy') if flip else tuple(_EVAL_METRICS)
 
 
 def abstract_variables(model) -> dict:
