@@ -76,8 +76,10 @@ class Checkpoints:
       self._best = _manager(self.best_dir, best=True)
 
   def save(self, step: int, state: Any, meta: dict,
-           validation_accuracy: float | None = None, is_best: bool = False) -> None:
-    """Saves `state` as the latest and, if `is_best`, as the best.
+           validation_accuracy: float | None = None, is_best: bool = False,
+           latest: bool = True) -> None:
+    """Saves `state` as the latest (unless not `latest`) and, if `is_best`,
+    as the best.
 
     The best is written first: a run killed in between resumes from the
     previous latest checkpoint and writes this best again (see `prune_after`).
@@ -90,7 +92,8 @@ class Checkpoints:
       self._best.save(step, args=args(),
                       metrics={'validation_accuracy': validation_accuracy},
                       force=True)
-    self._latest.save(step, args=args(), force=True)
+    if latest:
+      self._latest.save(step, args=args(), force=True)
 
   def wait(self) -> None:
     """Blocks until every save has been committed to disk."""
@@ -193,8 +196,8 @@ def restore_tree(directory: str, step: int, expected_meta: dict | None = None,
 def _check_meta(manager, step: int, directory: str, expected: dict | None) -> dict:
   meta = manager.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta']
-  for field in ARCHITECTURE_FIELDS:
-    if expected and field in expected and meta.get(field) != expected[field]:
+  for field in expected or {}:
+    if meta.get(field) != expected[field]:
       raise UserError(
           f'{field}: the checkpoint in {directory} has {field}={meta.get(field)!r} '
           f'but the config asks for {expected[field]!r}; use another workdir '

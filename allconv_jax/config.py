@@ -10,6 +10,7 @@ field and what is allowed, before any data is loaded or file written.
 """
 
 import importlib.util
+import operator
 import os
 
 import ml_collections
@@ -181,6 +182,17 @@ def defaults() -> ml_collections.ConfigDict:
   # Seed of initialization, batch order, augmentation and dropout.
   config.seed = 0
 
+  # A population (see allconv_jax/population.py): every learning rate times
+  # every seed trained together as one program, each member a run of its own
+  # in <workdir>/members/<name>/. Empty: the run's learning_rate (or seed).
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.seeds = ()
+  config.sweep.learning_rates = ()
+  # Members whose steps are computed at once (jax.vmap), the next ones after
+  # them. 0: all on an accelerator, which they fill together; 1 on a CPU,
+  # which one member's step keeps busy.
+  config.sweep.members_at_once = 0
+
   # Checkpoints: every epoch, and every this many steps too (0: epochs only).
   config.checkpoint_every_steps = 0
   # How many of the latest checkpoints to keep (the best by validation
@@ -189,8 +201,7 @@ def defaults() -> ml_collections.ConfigDict:
   # Stop at the first non-finite loss, keeping the last good checkpoint.
   config.halt_on_nan = True
 
-  # Transfer learning (see allconv_jax/transfer.py): start from the selected
-  # checkpoint of another run (a workdir, or a checkpoint directory).
+  # Transfer learning (allconv_jax/transfer.py): from another run's workdir.
   config.transfer = ml_collections.ConfigDict()
   config.transfer.from_workdir = config_dict.placeholder(str)
   # Comma-separated layer patterns that are re-initialized instead of copied.
@@ -198,9 +209,8 @@ def defaults() -> ml_collections.ConfigDict:
   # Feature-extractor mode: train only the re-initialized layers.
   config.transfer.freeze = False
 
-  # --mode=visualize (see allconv_jax/visualize.py): guided backpropagation,
-  # deconvnet and saliency maps of the selected checkpoint, written to
-  # <workdir>/visualizations/<layer>.png.
+  # --mode=visualize (allconv_jax/visualize.py): guided backpropagation,
+  # deconvnet and saliency maps into <workdir>/visualizations/<layer>.png.
   config.visualize = ml_collections.ConfigDict()
   # Comma-separated layers (conv1, conv2, ..., classifier); '' = a low, a
   # middle and a top hidden layer, e.g. conv1, conv4, conv8 of All-CNN-C.
@@ -213,34 +223,27 @@ def defaults() -> ml_collections.ConfigDict:
   config.visualize.num_images = 4
 
   # --mode=predict (see allconv_jax/predict.py): class probabilities of the
-  # selected checkpoint for your own images, one JSON line per image and
-  # <workdir>/predictions.csv. The names, classes and preprocessing are the
-  # run's own (its config.json and preprocess.npz), whatever this config says.
+  # selected checkpoint for your own images (the run's own classes and
+  # preprocessing), one JSON line per image and <workdir>/predictions.csv.
   config.predict = ml_collections.ConfigDict()
-  # A PNG/JPEG (or any format Pillow reads) file, a folder (its files, not
-  # its subfolders) or a glob such as 'photos/*.jpg'. Each image is read with
-  # Pillow, turned upright by its EXIF orientation, converted to RGB
-  # (grayscale replicated, alpha dropped) and resized, stretched to 32x32
-  # without cropping, with Image.BILINEAR, which Pillow antialiases when
-  # shrinking. Files that are not images are skipped with a warning.
+  # An image file (any format Pillow reads), a folder or a glob such as
+  # 'photos/*.jpg'; each is turned upright (EXIF), made RGB and stretched to
+  # 32x32 (Image.BILINEAR, antialiased); files that are not images are skipped.
   config.predict.images = config_dict.placeholder(str)
   # Classes reported per image, best first (at most the number of classes).
   config.predict.top_k = 3
 
-  # Several processes (hosts). Single-process runs leave this alone; every
-  # local device is used either way. Unset fields are detected by JAX in
-  # SLURM, Open MPI and Cloud TPU environments.
+  # Several processes (hosts); every local device is used either way. Unset
+  # fields are detected by JAX in SLURM, Open MPI and Cloud TPU environments.
   config.distributed = ml_collections.ConfigDict()
   config.distributed.initialize = False
   config.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port'
   config.distributed.num_processes = config_dict.placeholder(int)
   config.distributed.process_id = config_dict.placeholder(int)
-  # Seconds a process waits for all the others to join before a one-line
-  # error (JAX's default; a host of a cluster job may start late).
+  # Seconds a process waits for the others to join (JAX's default).
   config.distributed.initialization_timeout = 300
   # Seconds without a heartbeat after which a process counts as dead and the
-  # others stop with a one-line error (JAX's default: long enough for a
-  # process busy writing a checkpoint or compiling).
+  # others stop with a one-line error (JAX's default).
   config.distributed.heartbeat_timeout = 100
   # Every this many steps the processes agree, with one all-reduce, whether
   # any of them got SIGTERM or SIGINT; then all save at the same step and
@@ -321,12 +324,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   inits = [*models.INITIALIZERS, 'lsuv']
   need(config.init in inits, 'init',
        f"unknown initializer {config.init!r}; allowed: {', '.join(inits)}")
-  for field in ('batch_size', 'eval_batch_size', 'num_epochs'):
-    value = config[field]
+  for field in ('batch_size', 'eval_batch_size', 'num_epochs', 'checkpoint_keep',
+                'predict.top_k'):
+    value = operator.attrgetter(field)(config)
     need(isinstance(value, int) and value > 0, field,
          f'must be a positive integer, got {value!r}')
-  need(config.learning_rate > 0, 'learning_rate',
-       f'must be positive, got {config.learning_rate!r}')
+  for field in ('learning_rate', 'lr_decay', 'width', 'preprocess.gcn_scale',
+                'preprocess.zca_filter_bias'):
+    value = operator.attrgetter(field)(config)
+    need(value > 0, field, f'must be positive, got {value!r}')
   need(0 <= config.label_smoothing < 1, 'label_smoothing',
        f'must be in [0, 1), got {config.label_smoothing!r}')
   need(0 <= config.ema_decay < 1, 'ema_decay',
@@ -335,11 +341,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f'must be zero or positive, got {config.weight_decay!r}')
   need(0 <= config.momentum < 1, 'momentum',
        f'must be in [0, 1), got {config.momentum!r}')
-  need(config.lr_decay > 0, 'lr_decay', f'must be positive, got {config.lr_decay!r}')
   bounds = list(config.lr_boundaries)
   need(all(b > 0 for b in bounds) and bounds == sorted(set(bounds)),
        'lr_boundaries', f'must be increasing positive epochs, got {bounds!r}')
-  need(config.width > 0, 'width', f'must be positive, got {config.width!r}')
   need(0 <= config.augment.translate < 0.5, 'augment.translate',
        f'must be a fraction of the side in [0, 0.5), got {config.augment.translate!r}')
   need(config.num_classes is None or config.num_classes > 0, 'num_classes',
@@ -347,8 +351,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field, zero in (('checkpoint_every_steps', 'each evaluation only'),
                       ('num_train_steps', 'num_epochs epochs'),
                       ('eval_every_steps', 'every epoch'),
-                      ('steps_per_dispatch', '1 on a CPU, 100 elsewhere')):
-    value = config[field]
+                      ('steps_per_dispatch', '1 on a CPU, 100 elsewhere'),
+                      ('sweep.members_at_once', 'all on an accelerator, 1 on a CPU'),
+                      ('dataset.validation_size', 'no validation split')):
+    value = operator.attrgetter(field)(config)
     need(isinstance(value, int) and value >= 0, field,
          f'must be 0 ({zero}) or a positive integer, got {value!r}')
   if config.init == 'lsuv':
@@ -364,18 +370,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(label in labels, 'dataset.label',
        f"{label!r} is {'only for cifar100' if label == 'coarse' else 'unknown'}; "
        f"allowed: {', '.join(labels)}")
-  size = config.dataset.validation_size
-  need(isinstance(size, int) and size >= 0, 'dataset.validation_size',
-       f'must be 0 (no validation split) or a positive integer, got {size!r}')
-  need(config.preprocess.gcn_scale > 0, 'preprocess.gcn_scale',
-       f'must be positive, got {config.preprocess.gcn_scale!r}')
-  need(config.preprocess.zca_filter_bias > 0, 'preprocess.zca_filter_bias',
-       f'must be positive, got {config.preprocess.zca_filter_bias!r}')
-  need(config.checkpoint_keep >= 1, 'checkpoint_keep',
-       f'must be at least 1, got {config.checkpoint_keep!r}')
-  top_k = config.predict.top_k
-  need(isinstance(top_k, int) and top_k >= 1, 'predict.top_k',
-       f'must be a positive integer, got {top_k!r}')
+  seeds, rates = list(config.sweep.seeds), list(config.sweep.learning_rates)
+  need(all(isinstance(v, int) and v >= 0 for v in seeds) and len(set(seeds)) == len(seeds),
+       'sweep.seeds', f'must be distinct non-negative integers, got {seeds!r}')
+  need(all(isinstance(v, (int, float)) and v > 0 for v in rates) and
+       len(set(rates)) == len(rates), 'sweep.learning_rates',
+       f'must be distinct positive numbers, got {rates!r}')
   validate_distributed(config)
 
 

@@ -20,6 +20,17 @@ Layout of ``<workdir>/``:
   export/model.jax, model.json written by --mode=export
   .lock                        held by the process training in it
 
+A population (``config.sweep``; see `allconv_jax.population`) has the
+checkpoints of all its members, preprocess.npz, config.json and
+model_summary.txt, and:
+
+  members/<name>/              each member's run directory: its config.json,
+                               metrics, curves, TensorBoard scalars, summary
+                               and selected checkpoint
+  members.csv                  the members ranked by validation accuracy
+  members.png                  every member's validation accuracy per epoch
+  summary.json                 the same, once the population is complete
+
 Every file is written under a temporary name and renamed into place, so a
 crash never leaves half a file.
 """
@@ -53,6 +64,9 @@ EXPORT = 'export'
 EXPORT_MODEL = 'model.jax'  # In EXPORT: the serialized jax.export.Exported.
 EXPORT_INFO = 'model.json'  # In EXPORT: how to call it.
 LOCK = '.lock'
+MEMBERS = 'members'
+RANKING = 'members.csv'
+MEMBERS_PLOT = 'members.png'
 
 
 def check(workdir: str) -> None:

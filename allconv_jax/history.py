@@ -13,7 +13,7 @@ import time
 import numpy as np
 from absl import logging
 
-from allconv_jax import files, reporting
+from allconv_jax import confusion, files, reporting
 
 
 def weights_prefix(config) -> str:
@@ -29,26 +29,28 @@ class History:
     run: the run's `train.Setup`.
     resumed: the meta of the checkpoint the run resumes from, or None.
     is_writer: whether this process writes the files (process 0).
+    workdir: where the files go, if not the run's (a population's member).
   """
 
-  def __init__(self, run, resumed: dict | None, is_writer: bool):
+  def __init__(self, run, resumed: dict | None, is_writer: bool,
+               workdir: str | None = None):
     self.run, self.is_writer = run, is_writer
+    self.workdir = workdir or run.workdir
     self.has_validation = run.data.validation is not None
     self.prefix = weights_prefix(run.config)
     self.rows = resumed['history'] if resumed else []
     self.best = (dict(accuracy=resumed['best_validation_accuracy'],
                       epoch=resumed['best_epoch']) if resumed
                  else dict(accuracy=-1.0, epoch=0))
-    if resumed:
-      logging.info('Resuming from step %d (epoch %d) of %s', resumed['step'],
-                   resumed['epoch'], run.workdir)
-    self.tensorboard = reporting.TensorBoard(run.workdir) if is_writer else None
+    if is_writer:
+      os.makedirs(self.workdir, exist_ok=True)
+    self.tensorboard = reporting.TensorBoard(self.workdir) if is_writer else None
     if is_writer:
       reporting.write_csv(self._path(files.METRICS), self.rows)
     self.period_start = (time.time(), resumed['step'] if resumed else 0)
 
   def _path(self, name: str) -> str:
-    return os.path.join(self.run.workdir, name)
+    return os.path.join(self.workdir, name)
 
   def add(self, row: dict) -> bool:
     """Appends a row; returns whether its validation accuracy is the best.
@@ -65,21 +67,24 @@ class History:
     self.rows = self.rows + [row]
     return is_best
 
+  def meta(self) -> dict:
+    """The history as a checkpoint's meta holds it, for resume."""
+    return dict(history=self.rows, best_validation_accuracy=self.best['accuracy'],
+                best_epoch=self.best['epoch'])
+
   def save(self, state, train_metrics, validation_accuracy=None, is_best=False):
     """Checkpoints the state with the history so far in its meta."""
     step = int(state.step)
     meta = dict(self.run.architecture, step=step,
-                epoch=step // self.run.batches.steps_per_epoch, history=self.rows,
-                best_validation_accuracy=self.best['accuracy'],
-                best_epoch=self.best['epoch'])
+                epoch=step // self.run.batches.steps_per_epoch, **self.meta())
     self.run.checkpoints.save(step, dict(state=state, train_metrics=train_metrics),
                               meta, validation_accuracy, is_best)
     # Committed before anything refers to it, so that a kill never leaves
     # metrics of an epoch the checkpoints do not have.
     self.run.checkpoints.wait()
 
-  def write(self, row: dict) -> None:
-    """The CSV, curves, TensorBoard and the log line of a row."""
+  def write(self, row: dict, log: bool = True) -> None:
+    """The CSV, curves, TensorBoard and (if `log`) the log line of a row."""
     if self.is_writer:
       self.tensorboard.write_scalars(row['step'], {
           k: v for k, v in row.items()
@@ -87,12 +92,23 @@ class History:
       reporting.write_csv(self._path(files.METRICS), self.rows)
       reporting.plot_curves(self.rows, self._path(files.CURVES), title=(
           f'{self.run.config.model} on {self.run.config.dataset.name}'))
+    if log:
+      logging.info('epoch %g/%g  %s  %s', row['epoch'],
+                   self.run.total_steps / self.run.batches.steps_per_epoch,
+                   reporting.epoch_line(row, self.best), self.timing(row))
+    self.period_start = (time.time(), row['step'])
+
+  def timing(self, row: dict) -> str:
+    """Seconds per epoch of the period a row ends, and the run's ETA."""
     per_step = row['seconds'] / (row['step'] - self.period_start[1])
     spe, total = self.run.batches.steps_per_epoch, self.run.total_steps
-    logging.info('epoch %g/%g  %s  %.1fs/epoch  ETA %s', row['epoch'], total / spe,
-                 reporting.epoch_line(row, self.best), per_step * spe,
-                 reporting.duration((total - row['step']) * per_step))
-    self.period_start = (time.time(), row['step'])
+    return (f'{per_step * spe:.1f}s/epoch  ETA '
+            f'{reporting.duration((total - row["step"]) * per_step)}')
+
+  def write_confusion(self, counts: np.ndarray, class_names, step: int) -> None:
+    """The test split's confusion matrix and per-class accuracy files."""
+    if self.is_writer:
+      confusion.write(self.workdir, counts, class_names, 'test', step)
 
   def finish(self) -> dict:
     """The summary (see `reporting.summary`), written once the run is complete."""

@@ -49,7 +49,12 @@ def epoch_of(step: int, steps_per_epoch: int) -> int | float:
 def write_csv(path: str, rows: list[dict]) -> None:
   """Rewrites the whole CSV atomically, so a crash never leaves half a row."""
   extra = [k for k in (rows[0] if rows else {}) if k not in COLUMNS]
-  columns = [*COLUMNS[:-1], *extra, COLUMNS[-1]]
+  write_table(path, rows, [*COLUMNS[:-1], *extra, COLUMNS[-1]])
+
+
+def write_table(path: str, rows: list[dict], columns=None) -> None:
+  """Writes `rows` as a CSV atomically: `columns`, or the first row's keys."""
+  columns = list(columns or (rows[0] if rows else []))
 
   def write(tmp):
     with open(tmp, 'w', newline='') as f:
@@ -58,6 +63,14 @@ def write_csv(path: str, rows: list[dict]) -> None:
       for row in rows:
         writer.writerow({k: row[k] for k in columns})
   files.atomic_write(path, write)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+  """`rows` as aligned text, numbers as 4 significant digits."""
+  cells = [columns] + [[f'{r[c]:.4g}' if isinstance(r[c], float) else str(r[c])
+                        for c in columns] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+  return '\n'.join('  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
 def plot_curves(rows: list[dict], path: str, title: str = '') -> None:
@@ -241,3 +254,24 @@ class Progress:
       logging.info('step %d/%d  %.1f steps/s  ETA %s', step, self.total_steps,
                    rate, duration((self.total_steps - step) / rate))
       self._last = (now, step)
+
+
+def plot_members(curves: dict[str, list[dict]], path: str, title: str = '') -> None:
+  """One curve per member of a population: validation accuracy per epoch (or
+  training loss without a validation split), a diverged member dashed."""
+  rows = next(iter(curves.values()))
+  validation = any(math.isfinite(r['validation_accuracy']) for r in rows)
+  column, ylabel = (('validation_accuracy', 'validation accuracy (%)') if validation
+                    else ('train_loss', 'training loss'))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
+  for name, rows in curves.items():
+    scale = 100 if validation else 1
+    diverged = bool(rows) and rows[-1].get('diverged_step', -1) >= 0
+    ax.plot([r['epoch'] for r in rows], [scale * r[column] for r in rows],
+            '--' if diverged else '-', label=name + (' (diverged)' if diverged else ''))
+  ax.set(xlabel='epoch', ylabel=ylabel, title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))

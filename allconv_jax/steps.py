@@ -112,6 +112,14 @@ FlipEvalMetrics = metrics.Collection.create(
     flip_accuracy=metrics.Average.from_fun(_flip_correct))
 
 
+def compute(collection: metrics.Collection) -> dict:
+  """`collection.compute()`; of each member for a population's metrics,
+  stacked by `jax.vmap` (clu's `compute` takes them for unreduced)."""
+  if np.ndim(collection._reduction_counter.value):  # pylint: disable=protected-access
+    return jax.vmap(type(collection).compute)(collection)
+  return collection.compute()
+
+
 def metric_names(flip: bool) -> tuple[str, ...]:
   """The scalar metrics of `make_eval_step`'s, with or without `flip`."""
   return (*_EVAL_METRICS, 'flip_accuracy') if flip else tuple(_EVAL_METRICS)
@@ -123,16 +131,22 @@ def abstract_variables(model) -> dict:
       jax.random.key(0), jnp.zeros((1, *models.INPUT_SHAPE))))
 
 
-def init_state(model, tx, seed: int, mesh) -> TrainState:
-  """Initial parameters and optimizer state, replicated over the mesh."""
+def init_states(model, tx, seeds, mesh) -> list[TrainState]:
+  """Initial parameters and optimizer state of each seed, replicated over
+  the mesh (one compiled function for all seeds)."""
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-  def init():
+  def init(seed):
     variables = model.init(jax.random.key(seed), jnp.zeros((1, *models.INPUT_SHAPE)))
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params))
-  return init()
+  return [init(seed) for seed in seeds]
+
+
+def init_state(model, tx, seed: int, mesh) -> TrainState:
+  """`init_states` of one seed."""
+  return init_states(model, tx, [seed], mesh)[0]
 
 
 def with_ema(state: TrainState, ema_decay: float) -> TrainState:
@@ -150,7 +164,7 @@ def model_variables(params, batch_stats) -> dict:
   return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
 
 
-def make_train_step(model, tx, mesh, **options):
+def make_train_step(model, tx, mesh, *, seed: int, **options):
   """Returns the jitted `(state, metrics, images, labels) -> (state, metrics)`.
 
   Args:
@@ -158,14 +172,17 @@ def make_train_step(model, tx, mesh, **options):
       statistics are averaged over the devices.
     tx: the optax optimizer.
     mesh: see `sharding.make_mesh`.
-    **options: ``seed`` (of augmentation and dropout), ``max_shift`` (pixels)
-      and ``flip`` (augmentation), ``label_smoothing`` and ``ema_decay``
-      (see ``configs/default.py``; both default to 0, off).
+    seed: of augmentation and dropout.
+    **options: ``max_shift`` (pixels) and ``flip`` (augmentation),
+      ``label_smoothing`` and ``ema_decay`` (see ``configs/default.py``; both
+      default to 0, off).
   """
-  return jax.jit(_train_step(model, tx, mesh, **options), donate_argnums=(0, 1))
+  step = train_step(model, tx, mesh, **options)
+  return jax.jit(lambda state, metrics, images, labels: step(
+      state, metrics, images, labels, seed), donate_argnums=(0, 1))
 
 
-def make_train_steps(model, tx, mesh, *, length: int, **step_options):
+def make_train_steps(model, tx, mesh, *, length: int, seed: int, **options):
   """Returns the jitted `(state, metrics, images, labels, indices, count)`.
 
   It runs the first `count` of `length` train steps in one call, step k on
@@ -176,21 +193,28 @@ def make_train_steps(model, tx, mesh, *, length: int, **step_options):
   cut short (at an epoch's end) reuse the same program.
 
   Args:
-    model, tx, mesh: as for `make_train_step`.
+    model, tx, mesh, seed: as for `make_train_step`.
     length: the most steps a call runs.
-    **step_options: the options of `make_train_step`.
+    **options: the other options of `make_train_step`.
   """
-  step = _train_step(model, tx, mesh, **step_options)
+  step = train_step(model, tx, mesh, **options)
+  return scan_steps(lambda state, metrics, images, labels, idx: step(
+      state, metrics, images[idx], labels[idx], seed), length)
 
+
+def scan_steps(step, length: int):
+  """Jits `step(state, metrics, images, labels, idx)` into chunks of steps.
+
+  `idx` is ``indices[..., k]`` of the call's `indices` (see
+  `make_train_steps`); the state and metrics are donated.
+  """
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_steps(state, train_metrics, images, labels, indices, count):
     if length == 1:  # The plain step, as `make_train_step`'s.
-      return step(state, train_metrics, images[indices[:, 0]],
-                  labels[indices[:, 0]])
+      return step(state, train_metrics, images, labels, indices[..., 0])
 
     def body(carry, k):
-      idx = indices[:, k]
-      return jax.lax.cond(k < count, lambda c: step(*c, images[idx], labels[idx]),
+      return jax.lax.cond(k < count, lambda c: step(*c, images, labels, indices[..., k]),
                           lambda c: c, carry), None
     carry, _ = jax.lax.scan(body, (state, train_metrics), jnp.arange(length))
     return carry
@@ -215,9 +239,13 @@ def resident(mesh, images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, j
   return jax.device_put((images, labels), sharding.replicated(mesh))
 
 
-def _train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool,
-                label_smoothing: float = 0.0, ema_decay: float = 0.0):
-  """The train step, not jitted (see `make_train_step`)."""
+def train_step(model, tx, mesh, *, max_shift: int, flip: bool,
+               label_smoothing: float = 0.0, ema_decay: float = 0.0):
+  """The train step `(state, metrics, images, labels, seed)`, not jitted.
+
+  See `make_train_step`; the seed (of augmentation and dropout) is an
+  argument, so that the members of a population can each have their own.
+  """
   def device_step(params, batch_stats, images, labels, key):
     # Each device draws its own dropout mask.
     key = jax.random.fold_in(key, jax.lax.axis_index(sharding.AXIS))
@@ -248,7 +276,7 @@ def _train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool,
       in_specs=(P(), P(), P(sharding.AXIS), P(sharding.AXIS), P()),
       out_specs=(P(), P(), P(), P()))
 
-  def train_step(state: TrainState, train_metrics: TrainMetrics, images, labels):
+  def step(state: TrainState, train_metrics: TrainMetrics, images, labels, seed):
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     augment_key, dropout_key = jax.random.split(key)
     images = input_pipeline.augment(augment_key, images, max_shift=max_shift,
@@ -270,15 +298,16 @@ def _train_step(model, tx, mesh, *, seed: int, max_shift: int, flip: bool,
                                                    step=state.step)
     return state, train_metrics.merge(update)
 
-  return train_step
+  return step
 
 
-def make_eval_step(model, mesh, *, flip: bool = False):
+def make_eval_step(model, mesh, *, flip: bool = False, members: bool = False):
   """Returns the jitted `(variables, images, labels, mask) -> metrics`.
 
   The metrics are `EvalMetrics` (loss, accuracy, confusion counts), or with
   `flip` `FlipEvalMetrics`, which add the accuracy of the mean softmax of
-  each image and of its mirror image.
+  each image and of its mirror image. With `members`, the variables are a
+  population's, stacked along a leading axis, and so is every metric.
   """
   def device_step(variables, images):
     logits = model.apply(variables, images, train=False)
@@ -291,20 +320,22 @@ def make_eval_step(model, mesh, *, flip: bool = False):
       out_specs=(P(sharding.AXIS), P(sharding.AXIS)))
   collection = FlipEvalMetrics if flip else EvalMetrics
 
-  # Replicated, so that every process can read the results.
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def eval_step(variables, images, labels, mask):
     logits, flip_logits = sharded(variables, images)
     return collection.single_from_model_output(
         logits=logits, flip_logits=flip_logits, labels=labels, mask=mask)
 
-  return eval_step
+  if members:
+    eval_step = jax.vmap(eval_step, in_axes=(0, None, None, None))
+  # Replicated, so that every process can read the results.
+  return jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
 
 
 def evaluate(eval_step, variables, mesh, images: np.ndarray, labels: np.ndarray,
              batch_size: int) -> dict:
-  """Loss and accuracy (and flip accuracy) over a whole split, as floats, and
-  ``confusion``: its (true class, predicted class) counts, a numpy array."""
+  """Loss and accuracy (and flip accuracy) over a whole split, as floats (a
+  population's: arrays over its members), and ``confusion``: the (true
+  class, predicted class) counts, a numpy array."""
   total = None
   local = sharding.local_slice(batch_size)
   for idx, mask in input_pipeline.eval_batches(len(images), batch_size):
@@ -312,5 +343,5 @@ def evaluate(eval_step, variables, mesh, images: np.ndarray, labels: np.ndarray,
     batch = sharding.global_batch(mesh, images[idx], labels[idx], mask)
     m = eval_step(variables, *batch)
     total = m if total is None else total.merge(m)
-  return {k: np.asarray(v) if k == 'confusion' else float(v)
-          for k, v in total.compute().items()}
+  return {k: float(v) if np.ndim(v) == 0 else np.asarray(v)
+          for k, v in compute(total).items()}

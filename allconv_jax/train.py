@@ -7,6 +7,10 @@ from scratch). The loop runs the jitted steps of `allconv_jax.steps`, and
 `evaluate_and_save` evaluates, selects on validation, checkpoints and logs
 at the end of every epoch (or every ``eval_every_steps`` steps).
 
+A population (``config.sweep``: several seeds and learning rates) runs
+through the same loop, its states stacked and its steps those of
+`allconv_jax.population`; each of its members is written as a run of its own.
+
 The batches, augmentation and dropout masks depend only on (seed, step), so a
 resumed run ends bit for bit where an uninterrupted run would.
 """
@@ -19,47 +23,23 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import optax
+import numpy as np
 from absl import logging
 
-from allconv_jax import (checkpoints, config as config_lib, confusion, datasets,
-                         files, history, input_pipeline, models, reporting, sharding,
-                         steps, stopping, trained, transfer)
+from allconv_jax import (checkpoints, config as config_lib, datasets, files,
+                         history, input_pipeline, models, optimizers, population,
+                         reporting, sharding, steps, stopping, trained, transfer)
 from allconv_jax.errors import UserError
-
-
-def total_steps(config, steps_per_epoch: int) -> int:
-  """``num_train_steps``, or else ``num_epochs`` epochs."""
-  return config.num_train_steps or config.num_epochs * steps_per_epoch
-
-
-def make_optimizer(config, steps_per_epoch: int):
-  """The optax optimizer and its learning-rate schedule.
-
-  Weight decay is an L2 term added to the gradient (as in the paper and
-  PyTorch's SGD), before momentum.
-  """
-  if config.lr_schedule == 'onecycle':
-    schedule = optax.cosine_onecycle_schedule(
-        total_steps(config, steps_per_epoch), config.learning_rate)
-  else:
-    schedule = optax.piecewise_constant_schedule(
-        config.learning_rate,
-        {int(b * steps_per_epoch): config.lr_decay for b in config.lr_boundaries})
-  if config.optimizer == 'sgd':
-    opt = optax.sgd(schedule, momentum=config.momentum or None,
-                    nesterov=config.nesterov)
-  elif config.optimizer == 'adam':
-    opt = optax.adam(schedule)
-  else:
-    opt = optax.rmsprop(schedule, momentum=config.momentum)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay), opt), schedule
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """The parts of a run, built from its config by `setup`."""
+  """The parts of a run, built from its config by `setup`.
+
+  `members` is [] for a single run, else those of a population, whose
+  `batches` are the members' and whose `schedule` gives their rates.
+  """
   config: ml_collections.ConfigDict
   workdir: str
   data: datasets.Dataset
@@ -69,14 +49,17 @@ class Setup:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   checkpoints: checkpoints.Checkpoints
+  members: list[population.Member]
 
   @property
   def architecture(self) -> dict:
-    return trained.architecture(self.config, self.data.num_classes)
+    """What the run's checkpoints must match: the network and the members."""
+    sweep = [[m.seed, m.learning_rate] for m in self.members] or None
+    return dict(trained.architecture(self.config, self.data.num_classes), sweep=sweep)
 
   @property
   def total_steps(self) -> int:
-    return total_steps(self.config, self.batches.steps_per_epoch)
+    return optimizers.total_steps(self.config, self.batches.steps_per_epoch)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
@@ -94,15 +77,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                     f'{data.num_classes} classes of the data; leave it None')
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  batches = input_pipeline.TrainBatches(len(data.train.labels),
-                                        config.batch_size, config.seed)
+  members = population.members(config)
+  if members:
+    batches = population.Batches(len(data.train.labels), config.batch_size,
+                                 [m.seed for m in members])
+  else:
+    batches = input_pipeline.TrainBatches(len(data.train.labels),
+                                          config.batch_size, config.seed)
   model = trained.create_model(config, data.num_classes, bn_axis_name=sharding.AXIS)
-  tx, schedule = make_optimizer(config, batches.steps_per_epoch)
+  tx, schedule = optimizers.make_optimizer(config, batches.steps_per_epoch,
+                                           bool(members))
+  if members:
+    rates = np.array([m.learning_rate for m in members], np.float32)
+    schedule = lambda step, factor=schedule: rates * factor(step)
   if config.transfer.from_workdir and config.transfer.freeze:
     tx = transfer.freeze(tx, steps.abstract_variables(model)['params'],
                          transfer.patterns(config.transfer.reinit))
   run = Setup(config, workdir, data, sharding.make_mesh(), batches, model, tx,
-              schedule, checkpoints.Checkpoints(workdir, keep=config.checkpoint_keep))
+              schedule, checkpoints.Checkpoints(workdir, keep=config.checkpoint_keep),
+              members)
   checkpoints.check_architecture(run.checkpoints.latest_dir, run.architecture)
   return run
 
@@ -114,7 +107,7 @@ class Start:
   train_metrics: steps.TrainMetrics
   preprocessor: input_pipeline.Preprocessor
   resumed: dict | None  # The resumed checkpoint's meta; None for a new run.
-  lsuv_report: Any = None
+  lsuv_reports: Any = None  # Of each member (one for a single run).
 
 
 def initial_state(run: Setup) -> Start:
@@ -135,17 +128,23 @@ def initial_state(run: Setup) -> Start:
   replicated = sharding.replicated(run.mesh)
   # The moving average (ema_decay) starts at the weights training starts from.
   start_ema = lambda state: steps.with_ema(state, config.ema_decay)
-  state = start_ema(steps.init_state(run.model, run.tx, config.seed, run.mesh))
-  train_metrics = jax.device_put(steps.TrainMetrics.empty(), replicated)
+  seeds = [m.seed for m in run.members] or [config.seed]
+  fresh = [start_ema(s) for s in steps.init_states(run.model, run.tx, seeds, run.mesh)]
+  # A population's states are its members' stacked (see `population`).
+  combine = ((lambda states: population.stack(states, run.members, run.mesh))
+             if run.members else (lambda states: states[0]))
+  train_metrics = empty_metrics(run)
   preprocess_path = os.path.join(run.workdir, files.PREPROCESS)
   fit = lambda: input_pipeline.Preprocessor.fit(run.data.train.images,
                                                 **config.preprocess)
 
   restored = checkpoints.restore_latest_good(
-      run.checkpoints.latest_dir, dict(state=state, train_metrics=train_metrics),
-      run.architecture)
+      run.checkpoints.latest_dir,
+      dict(state=combine(fresh), train_metrics=train_metrics), run.architecture)
   if restored is not None:
     tree, meta = restored
+    logging.info('Resuming from step %d (epoch %d) of %s', meta['step'],
+                 meta['epoch'], run.workdir)
     tree = jax.device_put(tree, replicated)
     preprocessor = (input_pipeline.Preprocessor.load(preprocess_path)
                     if os.path.exists(preprocess_path) else fit())
@@ -154,27 +153,40 @@ def initial_state(run: Setup) -> Start:
   if config.transfer.from_workdir:
     source = trained.load(config.transfer.from_workdir, field=transfer.FIELD)
     reinit = transfer.patterns(config.transfer.reinit)
-    params = transfer.merge(source.variables['params'], state.params, reinit)
-    batch_stats = transfer.merge(source.variables.get('batch_stats', {}),
-                                 state.batch_stats, reinit)
-    state = start_ema(state.replace(params=params, batch_stats=batch_stats,
-                                    opt_state=run.tx.init(params)))
+
+    def transferred(state):
+      params = transfer.merge(source.variables['params'], state.params, reinit)
+      batch_stats = transfer.merge(source.variables.get('batch_stats', {}),
+                                   state.batch_stats, reinit)
+      return start_ema(state.replace(params=params, batch_stats=batch_stats,
+                                     opt_state=run.tx.init(params)))
+    state = combine([transferred(s) for s in fresh])
     logging.info('Transferred all but %s from %s', reinit, config.transfer.from_workdir)
     return Start(jax.device_put(state, replicated), train_metrics,
                  source.preprocessor, None)
 
   preprocessor = fit()
   if config.init != 'lsuv':
-    return Start(state, train_metrics, preprocessor, None)
-  state, report = _lsuv(run, state, preprocessor)
-  return Start(start_ema(state), train_metrics, preprocessor, None, report)
+    return Start(combine(fresh), train_metrics, preprocessor, None)
+  states, reports = zip(*[_lsuv(run, state, preprocessor, seed)
+                          for state, seed in zip(fresh, seeds)])
+  return Start(combine([start_ema(s) for s in states]), train_metrics,
+               preprocessor, None, list(reports))
 
 
-def _lsuv(run: Setup, state: steps.TrainState, preprocessor):
-  """LSUV-initializes the kernels on a sample of preprocessed training images."""
+def empty_metrics(run: Setup) -> steps.TrainMetrics:
+  """Train metrics of no step yet (a population's: of each member)."""
+  if run.members:
+    return population.empty_metrics(len(run.members), run.mesh)
+  return jax.device_put(steps.TrainMetrics.empty(), sharding.replicated(run.mesh))
+
+
+def _lsuv(run: Setup, state: steps.TrainState, preprocessor, seed: int):
+  """LSUV-initializes the kernels on a sample of preprocessed training images
+  drawn with `seed`."""
   from allconv_jax import lsuv  # pylint: disable=g-import-not-at-top
   settings, images = run.config.lsuv, run.data.train.images
-  rng = np.random.default_rng(run.config.seed)
+  rng = np.random.default_rng(seed)
   idx = np.sort(rng.choice(len(images), min(settings.batch_size, len(images)),
                            replace=False))
   local = idx[sharding.local_slice(len(idx))]
@@ -223,28 +235,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   ('test', run.data.test)) if split is not None}
     # On the devices before anything is written: it may not fit.
     images, labels = steps.resident(run.mesh, *splits['train'])
-    record = history.History(run, start.resumed, is_writer)
+    record = (population.Records if run.members else history.History)(
+        run, start.resumed, is_writer)
     if is_writer and start.resumed is None:
-      start.preprocessor.save(os.path.join(workdir, files.PREPROCESS))
-      files.write_text(os.path.join(workdir, files.CONFIG),
-                       config.to_json_best_effort(indent=2))
-      files.write_text(os.path.join(workdir, files.MODEL_SUMMARY),
-                       models.summary(run.model, full=True))
-      if start.lsuv_report:
-        start.lsuv_report.save(os.path.join(workdir, files.LSUV_REPORT))
-    logging.info('%s on %s (%s), %d device(s)', config.model, config.dataset.name,
+      _write_start_files(run, start)
+    logging.info('%s on %s (%s), %d device(s)%s', config.model, config.dataset.name,
                  ', '.join(f'{len(l)} {n}' for n, (_, l) in splits.items()),
-                 jax.device_count())
+                 jax.device_count(),
+                 f', {len(run.members)} members' if run.members else '')
     if is_writer:  # The full table is in the workdir (files.MODEL_SUMMARY).
       print(models.summary(run.model), flush=True)
 
-    length = config.steps_per_dispatch or (1 if jax.default_backend() == 'cpu' else 100)
-    train_steps = steps.make_train_steps(
-        run.model, run.tx, run.mesh, length=length, seed=config.seed,
-        max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
+    on_cpu = jax.default_backend() == 'cpu'
+    length = config.steps_per_dispatch or (1 if on_cpu else 100)
+    options = dict(
+        length=length, max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
         flip=config.augment.flip, label_smoothing=config.label_smoothing,
         ema_decay=config.ema_decay)
-    eval_step = steps.make_eval_step(run.model, run.mesh, flip=config.eval_flip)
+    if run.members:
+      train_steps = population.make_train_steps(
+          run.model, run.tx, run.mesh, seeds=[m.seed for m in run.members],
+          at_once=config.sweep.members_at_once or (1 if on_cpu else len(run.members)),
+          **options)
+    else:
+      train_steps = steps.make_train_steps(run.model, run.tx, run.mesh,
+                                           seed=config.seed, **options)
+    eval_step = steps.make_eval_step(run.model, run.mesh, flip=config.eval_flip,
+                                     members=bool(run.members))
     state, train_metrics, step = start.state, start.train_metrics, int(start.state.step)
     local = sharding.local_slice(config.batch_size)
     every = config.eval_every_steps or run.batches.steps_per_epoch
@@ -262,20 +279,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step = end
         progress(step)
         if step % every == 0 or step == run.total_steps:
-          _check_finite(run, train_metrics)
+          _check_finite(run, state, train_metrics)
           train_metrics, test_confusion = evaluate_and_save(
               run, record, eval_step, state, train_metrics, splits)
         elif stop.requested(step) or (
             config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
-          _check_finite(run, train_metrics)
+          _check_finite(run, state, train_metrics)
           record.save(state, train_metrics)
         if stop.requested(step):
           raise stopping.Interrupted(stop.signum, step)
     run.checkpoints.close()
     # Per-class results of the final state (--mode=eval: of the selected
     # one), unless the run was complete already.
-    if is_writer and test_confusion is not None:
-      confusion.write(workdir, test_confusion, run.data.class_names, 'test', step)
+    if test_confusion is not None:
+      record.write_confusion(test_confusion, run.data.class_names, step)
     return record.finish()
 
 
@@ -288,11 +305,36 @@ def _chunk_end(run: Setup, step: int, length: int) -> int:
              [(step // n + 1) * n for n in every if n])
 
 
-def _check_finite(run: Setup, train_metrics: steps.TrainMetrics) -> None:
-  """Stops before a diverged state can be checkpointed (halt_on_nan)."""
-  bad = int(train_metrics.nonfinite_step.compute())
+def _check_finite(run: Setup, state, train_metrics: steps.TrainMetrics) -> None:
+  """Stops before a diverged state can be checkpointed (halt_on_nan).
+
+  A population's diverged members are frozen instead (see `population`):
+  it stops once all of them are.
+  """
+  if run.members:
+    bad = np.asarray(state.diverged_at)
+    bad = int(bad.max()) if (bad >= 0).all() else -1
+  else:
+    bad = int(train_metrics.nonfinite_step.compute())
   if bad >= 0 and run.config.halt_on_nan:
     raise stopping.Diverged(bad, checkpoints.latest_step(run.checkpoints.latest_dir))
+
+
+def _write_start_files(run: Setup, start: Start) -> None:
+  """The files a new run starts with; each member of a population gets a
+  config and preprocessing of its own, so that its directory is a run's."""
+  dirs = [(run.workdir, run.config)] + [
+      (population.member_dir(run.workdir, m), population.member_config(run.config, m))
+      for m in run.members]
+  for directory, config in dirs:
+    os.makedirs(directory, exist_ok=True)
+    start.preprocessor.save(os.path.join(directory, files.PREPROCESS))
+    files.write_text(os.path.join(directory, files.CONFIG),
+                     config.to_json_best_effort(indent=2))
+  files.write_text(os.path.join(run.workdir, files.MODEL_SUMMARY),
+                   models.summary(run.model, full=True))
+  for (directory, _), report in zip(dirs[1:] or dirs, start.lsuv_reports or []):
+    report.save(os.path.join(directory, files.LSUV_REPORT))
 
 
 def evaluate_and_save(run: Setup, record: history.History, eval_step, state,
@@ -310,9 +352,11 @@ def evaluate_and_save(run: Setup, record: history.History, eval_step, state,
     and the test split's confusion counts of the selected kind of weights.
   """
   step = int(state.step)
+  # Floats; a population's values are arrays over its members.
+  host = lambda v: float(v) if np.ndim(v) == 0 else np.asarray(v)
   row = dict(epoch=reporting.epoch_of(step, run.batches.steps_per_epoch),
-             step=step, learning_rate=float(run.schedule(step - 1)))
-  row.update({f'train_{k}': float(v) for k, v in train_metrics.compute().items()
+             step=step, learning_rate=host(run.schedule(step - 1)))
+  row.update({f'train_{k}': host(v) for k, v in steps.compute(train_metrics).items()
               if k != 'nonfinite_step'})
   kinds = ['', 'ema_'] if run.config.ema_decay else ['']
   for prefix in kinds:
@@ -326,9 +370,10 @@ def evaluate_and_save(run: Setup, record: history.History, eval_step, state,
         measured = dict.fromkeys(steps.metric_names(run.config.eval_flip), float('nan'))
       row.update({f'{prefix}{name}_{k}': v for k, v in measured.items()
                   if k != 'confusion'})
+  if run.members:
+    row['diverged_step'] = np.asarray(state.diverged_at)
   is_best = record.add(row)
-  train_metrics = jax.device_put(steps.TrainMetrics.empty(),
-                                 sharding.replicated(run.mesh))
+  train_metrics = empty_metrics(run)
   record.save(state, train_metrics, row[f'{record.prefix}validation_accuracy'], is_best)
   record.write(row)
   return train_metrics, test_confusion

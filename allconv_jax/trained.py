@@ -87,6 +87,11 @@ def load(workdir: str, expected: dict | None = None, field: str = 'workdir') -> 
   """
   if not os.path.isdir(workdir):
     raise UserError(f'{field}: no such directory: {workdir}')
+  members = os.path.join(workdir, files.MEMBERS)
+  if os.path.isdir(members):
+    raise UserError(f'{field}: {workdir} is a population of '
+                    f'{len(os.listdir(members))} members; give one of them, '
+                    f'e.g. {os.path.join(members, min(os.listdir(members), default="<name>"))}')
   config_path = os.path.join(workdir, files.CONFIG)
   directory = checkpoints.selected_dir(workdir)
   step = checkpoints.latest_step(directory)

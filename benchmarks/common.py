@@ -307,7 +307,7 @@ class LibrarySteps:
                width: float = 1.0, augment: bool = True):
     # pylint: disable=g-import-not-at-top
     import jax
-    from allconv_jax import input_pipeline, sharding, steps, train, trained
+    from allconv_jax import input_pipeline, optimizers, sharding, steps, trained
     from allconv_jax import config as config_lib
     # pylint: enable=g-import-not-at-top
     config = config_lib.defaults()
@@ -315,7 +315,7 @@ class LibrarySteps:
     self._jax, self._steps, self._sharding = jax, steps, sharding
     self.mesh = sharding.make_mesh()
     # CIFAR-10's steps per epoch, for the learning-rate schedule.
-    self.tx, _ = train.make_optimizer(config, 50000 // config.batch_size)
+    self.tx, _ = optimizers.make_optimizer(config, 50000 // config.batch_size)
     model = trained.create_model(config, 10, bn_axis_name=sharding.AXIS)
     self.state = steps.init_state(model, self.tx, config.seed, self.mesh)
     self.metrics = self._empty_metrics()

@@ -115,7 +115,7 @@ def measure(devices: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from allconv_jax import input_pipeline, sharding, steps, train, trained  # pylint: disable=g-import-not-at-top
+  from allconv_jax import input_pipeline, optimizers, sharding, steps, trained  # pylint: disable=g-import-not-at-top
   from allconv_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   if jax.device_count() != devices:
@@ -126,7 +126,7 @@ def measure(devices: int) -> dict:
   sharding.check_batch_size(config.batch_size)
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
-  tx, _ = train.make_optimizer(config, 50000 // config.batch_size)
+  tx, _ = optimizers.make_optimizer(config, 50000 // config.batch_size)
   model = trained.create_model(config, 10, bn_axis_name=sharding.AXIS)
   kwargs = dict(seed=config.seed,
                 max_shift=input_pipeline.max_shift_pixels(config.augment.translate),

@@ -47,10 +47,10 @@ def _child(args) -> None:
   distributed.initialize(config)
   import jax
   import numpy as np
-  from allconv_jax import sharding, steps, train, trained
+  from allconv_jax import optimizers, sharding, steps, trained
 
   mesh = sharding.make_mesh()
-  tx, _ = train.make_optimizer(config, 15)
+  tx, _ = optimizers.make_optimizer(config, 15)
   model = trained.create_model(config, 10, bn_axis_name=sharding.AXIS)
   state = steps.init_state(model, tx, config.seed, mesh)
   metrics = jax.device_put(steps.TrainMetrics.empty(), sharding.replicated(mesh))

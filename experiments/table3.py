@@ -9,21 +9,25 @@ stratified validation split held out of the training images. Per network,
 the rate with the highest mean final validation accuracy over the seeds is
 selected, and the final test error at that rate is reported as mean ± sample
 std over the seeds, beside the paper's number. Nothing is selected on the
-test split. Runs that diverged (`stopping.Diverged`) or never left chance
+test split. Runs that diverged (a non-finite loss) or never left chance
 (final validation accuracy at most chance + `--chance_margin`) are counted;
 a diverged run counts as chance accuracy in the means of its rate.
 
-Each run trains in ``<runs_dir>/<network>/lr<rate>_seed<seed>/`` (default
-``<out>/runs``). A run is finished when its workdir holds ``summary.json``
-(written when training completes) or ``diverged.json`` (written here); the
-same command skips finished runs and resumes interrupted ones from their
-latest checkpoint. Writes to `--out`: ``results.md``, ``table3.png`` (mean
-validation accuracy per epoch, one panel per network, one curve per rate),
-``results.json`` (every run's summary and metrics rows, and the selection)
-and a ``.gitignore`` that keeps only the small files of each run.
+Each network's runs, every (rate, seed), train together as one population
+(``config.sweep``; see allconv_jax/population.py): one program, one compile,
+in ``<runs_dir>/<network>/`` (default ``<out>/runs``), each run a member in
+``<network>/members/lr<rate>_seed<seed>/``. A member whose loss becomes
+non-finite is frozen while the others go on, and counted as diverged. A
+network is finished when its population holds ``summary.json`` (written when
+training completes) or ``diverged.json`` (written here if all its members
+diverged); the same command skips finished networks and resumes interrupted
+ones from their latest checkpoint. Writes to `--out`: ``results.md``,
+``table3.png`` (mean validation accuracy per epoch, one panel per network,
+one curve per rate), ``results.json`` (every run's summary and metrics rows,
+and the selection) and a ``.gitignore`` that keeps only the small files.
 
 CIFAR-10, the paper's protocol (350 epochs per run, 5,000 validation images,
-144 runs; not run here, it needs GPUs):
+144 runs in 12 populations; not run here, it needs GPUs):
 
   python experiments/table3.py --dataset=cifar10 \\
       --archive=/path/to/cifar-10-binary.tar.gz
@@ -35,6 +39,7 @@ are held out):
   python experiments/table3.py --dataset=digits --width=0.25 --epochs=10
 """
 
+import json
 import math
 import os
 import sys
@@ -107,8 +112,9 @@ def validation_size() -> int:
   return FLAGS.validation_size or VALIDATION_SIZE[FLAGS.dataset]
 
 
-def make_config(network: str, learning_rate: float, seed: int):
-  """The paper's protocol; only data, width, epochs and validation change."""
+def make_config(network: str, rates: list[float], seeds: list[int]):
+  """The paper's protocol; only data, width, epochs and validation change,
+  and every rate and seed is a member of one population."""
   config = config_lib.paper(network)
   config.dataset.name = FLAGS.dataset
   config.dataset.archive = FLAGS.archive
@@ -118,56 +124,88 @@ def make_config(network: str, learning_rate: float, seed: int):
   config.width = FLAGS.width
   if FLAGS.epochs:
     config.num_epochs = FLAGS.epochs
-  config.learning_rate = learning_rate
-  config.seed = seed
-  config.halt_on_nan = True  # A diverged run stops and is recorded.
+  config.sweep.learning_rates, config.sweep.seeds = tuple(rates), tuple(seeds)
+  # A diverged member is frozen and recorded; a population of diverged
+  # members stops.
+  config.halt_on_nan = True
   return config
 
 
-def workdir_of(root: str, network: str, learning_rate: float, seed: int):
-  return os.path.join(root, network, f'lr{learning_rate:g}_seed{seed}')
+def member_records(workdir: str, population_record: dict) -> list[dict]:
+  """The record of each member of a finished population (see
+  `common.load_run`), diverged if its loss ever became non-finite."""
+  members = os.path.join(workdir, 'members')
+  records = []
+  for name in sorted(os.listdir(members)):
+    rows = reporting.read_csv(os.path.join(members, name, 'metrics.csv'))
+    diverged_at = int(rows[-1]['diverged_step']) if rows else -1
+    summary_path = os.path.join(members, name, 'summary.json')
+    summary = (common.read_json(summary_path) if os.path.exists(summary_path)
+               else None)
+    with open(os.path.join(members, name, 'config.json')) as f:
+      member = json.load(f)
+    if population_record['status'] == 'diverged' or diverged_at >= 0:
+      step = diverged_at if diverged_at >= 0 else population_record['diverged']['step']
+      record = dict(status='diverged', summary=None, diverged=dict(
+          step=step, message=f'non-finite loss at step {step}'))
+    else:
+      record = dict(status='finished', diverged=None, summary=summary)
+    # The population's wall time, shared evenly by its members.
+    seconds = population_record['seconds']
+    records.append(dict(
+        record, rows=rows, learning_rate=member['learning_rate'],
+        seed=member['seed'], workdir=os.path.relpath(
+            os.path.join(members, name), common.ROOT),
+        seconds=seconds and seconds / len(os.listdir(members))))
+  return records
 
 
-def sweep(specs: list[tuple], root: str) -> list[dict]:
-  """Trains every (network, rate, seed) not finished yet; returns all records.
+def sweep(networks: list[str], rates: list[float], seeds: list[int],
+          root: str) -> list[dict]:
+  """Trains every network's population not finished yet; returns the
+  records of all their members.
 
-  Prints a line per run started and ended, with the sweep's ETA (from the
-  runs trained so far in this call).
+  Prints a line per population started and ended, with the sweep's ETA
+  (from the populations trained so far in this call).
   """
-  finished = {s: common.load_run(workdir_of(root, *s)) for s in specs}
-  todo = [spec for spec in specs if finished[spec] is None]
-  print(f'table3: {len(specs)} runs, {len(specs) - len(todo)} finished '
-        f'already (skipped), {len(todo)} to train', flush=True)
+  finished = {n: common.load_run(os.path.join(root, n)) for n in networks}
+  todo = [n for n in networks if finished[n] is None]
+  runs = len(rates) * len(seeds)
+  print(f'table3: {len(networks)} populations of {runs} runs, '
+        f'{len(networks) - len(todo)} finished already (skipped), '
+        f'{len(todo)} to train', flush=True)
   if FLAGS.report_only:
     todo = []
   spent = []
   with common.shared_preprocessing():
-    for index, spec in enumerate(todo, 1):
-      network, lr, seed = spec
-      workdir = workdir_of(root, *spec)
-      verb = ('resume' if os.path.exists(os.path.join(workdir, 'metrics.csv'))
-              else 'start')
-      print(f'[{index}/{len(todo)}] {verb} {network} lr {lr:g} seed {seed}',
+    for index, network in enumerate(todo, 1):
+      workdir = os.path.join(root, network)
+      verb = 'resume' if os.path.isdir(os.path.join(workdir, 'members')) else 'start'
+      print(f'[{index}/{len(todo)}] {verb} {network}: {runs} runs as one program',
             flush=True)
       begin = time.time()
-      finished[spec] = record = common.train_run(make_config(*spec), workdir)
-      if FLAGS.prune:
-        common.prune(workdir)
+      finished[network] = record = common.train_run(
+          make_config(network, rates, seeds), workdir)
       spent.append(time.time() - begin)
       eta = sum(spent) / len(spent) * (len(todo) - index)
-      summary = record['summary']
-      outcome = (f"diverged at step {record['diverged']['step']}"
-                 if summary is None else
-                 f"final validation "
-                 f"{100 * summary['final_validation_accuracy']:.1f}%, "
-                 f"test {100 * summary['final_test_accuracy']:.1f}%")
-      print(f'[{index}/{len(todo)}] done {network} lr {lr:g} seed {seed} in '
-            f'{spent[-1]:.0f} s: {outcome}; sweep ETA {reporting.duration(eta)}',
-            flush=True)
-  return [dict(finished[spec], network=spec[0], learning_rate=spec[1],
-               seed=spec[2], workdir=os.path.relpath(workdir_of(root, *spec),
-                                                     common.ROOT))
-          for spec in specs if finished[spec] is not None]
+      members = member_records(workdir, record)
+      if FLAGS.prune:
+        for path in [workdir, *(m['workdir'] for m in members)]:
+          common.prune(os.path.join(common.ROOT, path))
+      diverged = sum(m['status'] == 'diverged' for m in members)
+      best = max((m for m in members if m['summary']), default=None,
+                 key=lambda m: m['summary']['final_validation_accuracy'] or 0)
+      outcome = (f"best final validation "
+                 f"{100 * best['summary']['final_validation_accuracy']:.1f}% "
+                 f"(lr {best['learning_rate']:g} seed {best['seed']})"
+                 if best else 'no member finished')
+      print(f'[{index}/{len(todo)}] done {network} in {spent[-1]:.0f} s: '
+            f'{outcome}, {diverged} diverged; sweep ETA '
+            f'{reporting.duration(eta)}', flush=True)
+  return [dict(member, network=network)
+          for network in networks if finished[network] is not None
+          for member in member_records(os.path.join(root, network),
+                                       finished[network])]
 
 
 def final_accuracies(run: dict, chance: float) -> tuple[float, float]:
@@ -292,9 +330,13 @@ def plot(runs: list[dict], selection: dict, chance: float, path: str,
 def write_gitignore(out: str) -> None:
   """Keeps each run's small text files; checkpoints and the rest stay out."""
   with open(os.path.join(out, '.gitignore'), 'w') as f:
-    f.write('runs/*/*/*\n' + ''.join(
-        f'!runs/*/*/{name}\n' for name in ('metrics.csv', 'summary.json',
-                                           'diverged.json', 'runner.json')))
+    f.write('runs/*/*\n' + ''.join(
+        f'!runs/*/{name}\n' for name in ('summary.json', 'diverged.json',
+                                         'runner.json', 'members.csv',
+                                         'members/'))
+            + 'runs/*/members/*/*\n' + ''.join(
+                f'!runs/*/members/*/{name}\n' for name in (
+                    'metrics.csv', 'summary.json', 'config.json')))
 
 
 def main(argv):
@@ -310,14 +352,13 @@ def main(argv):
     raise app.UsageError(f'--learning_rates or --seeds: {e}')
   out = common.results_dir(f'table3_{FLAGS.dataset}')
   root = FLAGS.runs_dir or os.path.join(out, 'runs')
-  specs = [(n, lr, s) for n in table_order(FLAGS.networks) for lr in rates
-           for s in seeds]
-  config = make_config(specs[0][0], rates[0], seeds[0])
+  networks = table_order(FLAGS.networks)
+  config = make_config(networks[0], rates, seeds)
   common.enable_compilation_cache(FLAGS.compilation_cache)
   begin = time.time()
   try:
     data = datasets.load(config.dataset)
-    runs = sweep(specs, root)
+    runs = sweep(networks, rates, seeds, root)
   except stopping.Interrupted as e:
     print(f'interrupted: {e}', file=sys.stderr)
     sys.exit(130)
@@ -350,9 +391,10 @@ def main(argv):
       'networks': ', '.join(label(n) for n in selection),
       'width': f"{FLAGS.width:g} x the paper's 96/192 channels",
       'budget': (f'{epochs} epochs per run ({steps} steps of '
-                 f'{config.batch_size}), {len(specs)} runs'
-                 + (f' ({len(runs)} finished)' if len(runs) < len(specs)
-                    else '')),
+                 f'{config.batch_size}), {len(networks) * len(rates) * len(seeds)} '
+                 f'runs in {len(networks)} populations (one per network)'
+                 + (f' ({len(runs)} finished)'
+                    if len(runs) < len(networks) * len(rates) * len(seeds) else '')),
       'protocol': (
           "configs/paper.py:<network>, the paper's: GCN (scale "
           f'{config.preprocess.gcn_scale:g}) + ZCA (filter bias '
@@ -371,7 +413,8 @@ def main(argv):
                     'validation accuracy over seeds; the test split is only '
                     'reported'),
       'wall time': (f'{sum(trained) / 60:.0f} min of training over '
-                    f'{len(trained)} runs (each run timed by this runner); '
+                    f'{len(trained)} runs (each population timed by this '
+                    'runner, its time shared evenly by its runs); '
                     f'this invocation {(time.time() - begin) / 60:.0f} min'),
       'runs': os.path.relpath(root, common.ROOT),
   }

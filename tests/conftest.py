@@ -112,7 +112,8 @@ def repo():
 # The modules that run longest (most of them start processes of their own)
 # go first: `make test` hands each of its two workers a file at a time, and a
 # long module picked up last would run alone while the other worker idles.
-_LONGEST_FIRST = ('test_robustness.py', 'test_distributed.py', 'test_train.py',
+_LONGEST_FIRST = ('test_robustness.py', 'test_distributed.py', 'test_population.py',
+                  'test_train.py',
                   'test_experiments.py', 'test_notebook.py', 'test_transfer.py')
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from allconv_jax import config as config_lib, models, sharding, steps, train
+from allconv_jax import config as config_lib, models, optimizers, sharding, steps
 
 N = jax.device_count()
 assert N == 4, jax.devices()
@@ -27,7 +27,7 @@ mesh_1 = Mesh(np.array(jax.devices()[:1]), (sharding.AXIS,),
 config = config_lib.defaults()
 config.weight_decay = 0.0
 config.learning_rate = 0.05
-tx, _ = train.make_optimizer(config, steps_per_epoch=100)
+tx, _ = optimizers.make_optimizer(config, steps_per_epoch=100)
 
 
 def initial_state(model, seed=0):

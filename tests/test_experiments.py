@@ -50,22 +50,22 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 
 def test_table3_trains_and_records_a_divergence(tmp_path):
-  # Two real runs of Model A: a usual rate, and one so large that the loss
-  # becomes non-finite in the first epoch.
+  # Two real runs of Model A as one population: a usual rate, and one so
+  # large that the loss becomes non-finite in the first epoch.
   out = tmp_path / 'out'
   result = run_table3(out, '--networks=model_a', '--learning_rates=0.01,1e6',
                       '--seeds=0', TABLE3_NO_ZCA='1')
-  assert 'table3: 2 runs, 0 finished already (skipped), 2 to train' in (
-      result.stdout)
-  assert '[2/2] done model_a lr 1e+06 seed 0' in result.stdout
-  runs = out / 'runs' / 'model_a'
+  assert ('table3: 1 populations of 2 runs, 0 finished already (skipped), '
+          '1 to train') in result.stdout
+  assert '[1/1] done model_a' in result.stdout and '1 diverged' in result.stdout
+  runs = out / 'runs' / 'model_a' / 'members'
   summary = json.loads((runs / 'lr0.01_seed0' / 'summary.json').read_text())
   assert summary['selection'] == 'best_validation_accuracy'
   assert 0 <= summary['final_validation_accuracy'] <= 1
-  diverged = json.loads((runs / 'lr1e+06_seed0' / 'diverged.json').read_text())
-  assert diverged['step'] >= 1 and 'non-finite' in diverged['message']
   saved = json.loads((out / 'results.json').read_text())
   assert saved['selection']['model_a']['grid']['1e+06']['diverged'] == [0]
+  diverged, = [r for r in saved['runs'] if r['status'] == 'diverged']
+  assert diverged['diverged']['step'] >= 1 and diverged['learning_rate'] == 1e6
   # The diverged rate counts as chance (1/3); 0.01 is chosen unless it did
   # no better than chance on validation.
   assert saved['selection']['model_a']['learning_rate'] == 0.01 or (
@@ -74,7 +74,7 @@ def test_table3_trains_and_records_a_divergence(tmp_path):
   assert 'Of 2 runs, 1 diverged' in markdown
   assert (out / 'table3.png').stat().st_size > 0
   # Only the small files of each run are meant for git.
-  assert '!runs/*/*/summary.json' in (out / '.gitignore').read_text()
+  assert '!runs/*/members/*/summary.json' in (out / '.gitignore').read_text()
 
 
 def test_table3_selects_on_validation_skips_and_resumes(tmp_path):
@@ -102,7 +102,8 @@ def test_table3_selects_on_validation_skips_and_resumes(tmp_path):
   assert all_cnn_a['learning_rate'] == 0.1
   assert all_cnn_a['grid']['0.1']['diverged'] == [0]
   assert all_cnn_a['grid']['0.01']['at_chance'] == [0]
-  assert (out / 'runs' / 'all_cnn_a' / 'lr0.1_seed0' / 'diverged.json').exists()
+  rows = (out / 'runs' / 'all_cnn_a' / 'members' / 'lr0.1_seed0' / 'metrics.csv')
+  assert rows.read_text().splitlines()[0].split(',')[-2] == 'diverged_step'
   rows = table_rows((out / 'results.md').read_text())
   # The paper's order (All-CNN-A after Model A) and the test error at the
   # rate chosen on validation: 100 - (60, 62) = 39.00 ± 1.41.
@@ -113,14 +114,15 @@ def test_table3_selects_on_validation_skips_and_resumes(tmp_path):
   assert grid['All-CNN-A'][0].endswith('[1 d]')
   assert grid['All-CNN-A'][1].endswith('[1 c]')
 
-  # The same command again, after one run was stopped before it finished
-  # (no summary.json): the seven finished runs are skipped, only that one
+  # The same command again, after one population was stopped before it
+  # finished (no summary.json): the finished one is skipped, only that one
   # trains (the library resumes it from its checkpoint).
-  (out / 'runs' / 'model_a' / 'lr0.01_seed1' / 'summary.json').unlink()
+  (out / 'runs' / 'model_a' / 'summary.json').unlink()
   result = run_table3(out, *args, **env)
-  assert '7 finished already (skipped), 1 to train' in result.stdout
-  assert '[1/1] resume model_a lr 0.01 seed 1' in result.stdout
-  assert log.read_text().split('\n')[8:-1] == ['model_a 0.01 1']
+  assert '1 finished already (skipped), 1 to train' in result.stdout
+  assert '[1/1] resume model_a: 4 runs as one program' in result.stdout
+  assert sorted(log.read_text().split('\n')[8:-1]) == sorted(
+      k for k in fake if k.startswith('model_a'))
 
 
 def test_transfer_study(tmp_path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allconv_jax import config as config_lib, files, input_pipeline, train
+from allconv_jax import config as config_lib, files, input_pipeline, optimizers
 from allconv_jax.errors import UserError
 
 
@@ -160,7 +160,7 @@ def test_a_preprocessing_file_of_the_old_definition_is_refused(tmp_path):
 def test_piecewise_schedule_at_epoch_boundaries():
   config = config_lib.defaults()  # lr 0.01, x0.1 at epochs 200, 250, 300 of 350.
   steps_per_epoch = 390
-  _, schedule = train.make_optimizer(config, steps_per_epoch)
+  _, schedule = optimizers.make_optimizer(config, steps_per_epoch)
   for epoch, lr in ((0, 0.01), (199, 0.01), (200, 1e-3), (249, 1e-3),
                     (250, 1e-4), (300, 1e-5), (349, 1e-5)):
     step = epoch * steps_per_epoch
@@ -171,7 +171,7 @@ def test_piecewise_schedule_at_epoch_boundaries():
 def test_sgd_is_the_papers():
   config = config_lib.defaults()
   assert (config.optimizer, config.momentum, config.weight_decay) == ('sgd', 0.9, 0.001)
-  tx, _ = train.make_optimizer(config, 10)
+  tx, _ = optimizers.make_optimizer(config, 10)
   params = {'w': jnp.ones(3)}
   state = tx.init(params)
   grads = {'w': jnp.full(3, 2.0)}

@@ -1,0 +1,268 @@
+"""A population: the runs of a sweep over seeds and learning rates of one
+network, trained together as one program.
+
+The members are ``config.sweep.learning_rates`` times ``config.sweep.seeds``
+(`members`). Their train states are stacked along a leading axis
+(`Population`) and the train step of `allconv_jax.steps` is `jax.vmap`ped
+over them (`make_train_steps`): each member has its own seed (initialization,
+batch order, augmentation, dropout) and its own learning rate, which lives in
+the optimizer state (`optax.inject_hyperparams`) while the schedule scales
+it. The members are replicated over the devices of the data mesh, so every
+member's batch is split over the devices as a single run's is.
+
+A member whose loss is not finite is frozen (its weights and optimizer state
+stay those of its last finite step) and marked diverged, while the others go
+on. Each member is reported as a run of its own in
+``<workdir>/members/<name>/`` (`Records`): its metrics, curves, TensorBoard
+scalars, summary and selected checkpoint, which ``--mode=eval``,
+``--mode=visualize`` and transfer learning load as any run's. The
+population's own checkpoints, in ``<workdir>/checkpoints/``, hold every
+member, for exact resume; ``<workdir>/members.csv`` ranks the members by
+validation accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from allconv_jax import (checkpoints, files, history, input_pipeline, reporting,
+                         sharding, steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  seed: int
+  learning_rate: float
+
+  @property
+  def name(self) -> str:
+    return f'lr{self.learning_rate:g}_seed{self.seed}'
+
+
+def members(config: ml_collections.ConfigDict) -> list[Member]:
+  """The members of `config`'s sweep, rate by rate; [] for a single run."""
+  sweep = config.sweep
+  if not (sweep.seeds or sweep.learning_rates):
+    return []
+  return [Member(int(seed), float(rate))
+          for rate in sweep.learning_rates or (config.learning_rate,)
+          for seed in sweep.seeds or (config.seed,)]
+
+
+def member_config(config: ml_collections.ConfigDict,
+                  member: Member) -> ml_collections.ConfigDict:
+  """The config of the single run a member stands for."""
+  config = config.copy_and_resolve_references()
+  config.seed, config.learning_rate = member.seed, member.learning_rate
+  config.sweep.seeds, config.sweep.learning_rates = (), ()
+  return config
+
+
+def member_dir(workdir: str, member: Member) -> str:
+  return os.path.join(workdir, files.MEMBERS, member.name)
+
+
+class Population(flax.struct.PyTreeNode):
+  """The members' train states, stacked along a leading axis.
+
+  `diverged_at` is each member's first step with a non-finite loss, or -1.
+  """
+  members: steps.TrainState
+  diverged_at: jax.Array
+
+  @property
+  def step(self) -> jax.Array:
+    return self.members.step[0]
+
+  def variables(self, ema: bool = False) -> dict:
+    return self.members.variables(ema)
+
+  def member(self, k: int) -> steps.TrainState:
+    return jax.tree.map(lambda x: x[k], self.members)
+
+
+def stack(states: list[steps.TrainState], population: list[Member],
+          mesh) -> Population:
+  """The population of `states`, each member's learning rate set in its
+  optimizer state (built by `optimizers.make_optimizer` with ``rate_in_state``)."""
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def build(states, rates):
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
+    opt_state = optax.tree_utils.tree_set(stacked.opt_state, learning_rate=rates)
+    return Population(stacked.replace(opt_state=opt_state),
+                      jnp.full(len(states), -1, jnp.int32))
+  return build(states, jnp.asarray([m.learning_rate for m in population], jnp.float32))
+
+
+def empty_metrics(count: int, mesh) -> steps.TrainMetrics:
+  """Empty train metrics of `count` members, replicated."""
+  return jax.device_put(
+      jax.tree.map(lambda x: jnp.stack([x] * count), steps.TrainMetrics.empty()),
+      sharding.replicated(mesh))
+
+
+class Batches:
+  """The batches of every member, each from its own seed (see
+  `input_pipeline.TrainBatches`): `chunk` is (batch, members, length)."""
+
+  def __init__(self, num_examples: int, batch_size: int, seeds: list[int]):
+    self._members = [input_pipeline.TrainBatches(num_examples, batch_size, s)
+                     for s in seeds]
+    self.steps_per_epoch = self._members[0].steps_per_epoch
+
+  def chunk(self, start: int, stop: int, length: int) -> np.ndarray:
+    return np.stack([b.chunk(start, stop, length) for b in self._members], axis=1)
+
+
+def make_train_steps(model, tx, mesh, *, length: int, seeds: list[int],
+                     at_once: int, **options):
+  """`steps.make_train_steps` of a `Population`.
+
+  Indices are (batch, members, length), and a member whose loss is not
+  finite is frozen. The step of `at_once` members is computed as one
+  (`jax.vmap`: on an accelerator, convolutions batched over the members), the
+  next ones after them (`jax.lax.map`: on a CPU, with 1, each member's step is
+  a single run's, with no copies of stacked activations).
+  """
+  step = steps.train_step(model, tx, mesh, **options)
+
+  def member_step(state, metrics, diverged_at, images, labels, seed):
+    new, metrics = step(state, metrics, images, labels, seed)
+    bad = metrics.nonfinite_step.compute()  # This period's first, or -1.
+    ok = (diverged_at < 0) & (bad < 0)
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state).replace(
+        step=new.step)
+    return new, metrics, jnp.where((diverged_at < 0) & (bad >= 0), bad, diverged_at)
+
+  seeds = np.asarray(seeds, np.int32)
+
+  def population_step(population, metrics, images, labels, idx):
+    # idx is (batch, members): the batch axis stays the one split over devices.
+    images, labels = jnp.swapaxes(images[idx], 0, 1), labels[idx].T
+    states, metrics, diverged_at = jax.lax.map(
+        lambda args: member_step(*args),
+        (population.members, metrics, population.diverged_at, images, labels, seeds),
+        # batch_size=1 would still vmap, over one member.
+        batch_size=at_once if at_once > 1 else None)
+    return Population(states, diverged_at), metrics
+
+  return steps.scan_steps(population_step, length)
+
+
+class Records:
+  """The `history.History` of every member, and the population's checkpoints.
+
+  The same methods as a `history.History`, for `train.train_and_evaluate`:
+  a row's values are arrays over the members.
+  """
+
+  def __init__(self, run, resumed: dict | None, is_writer: bool):
+    self.run, self.is_writer = run, is_writer
+    self.prefix = history.weights_prefix(run.config)
+    self.members = [
+        history.History(run, resumed and dict(resumed, **resumed['member_histories'][k]),
+                        is_writer, workdir=member_dir(run.workdir, m))
+        for k, m in enumerate(run.members)]
+    self.checkpoints = [checkpoints.Checkpoints(h.workdir, keep=1) for h in self.members]
+    if resumed:  # Recomputed exactly by the resumed run.
+      for c in self.checkpoints:
+        for directory in (c.best_dir, c.latest_dir):
+          checkpoints.prune_after(directory, resumed['step'])
+
+  def add(self, row: dict) -> list[bool]:
+    """Adds each member's row; returns whether it is that member's best."""
+    is_best = []
+    for i, (h, member) in enumerate(zip(self.members, self.run.members)):
+      was = h.rows[-1]['diverged_step'] if h.rows else -1
+      is_best.append(h.add({k: v[i].item() if np.ndim(v) else v
+                            for k, v in row.items()}))
+      if was < 0 <= h.rows[-1]['diverged_step']:
+        logging.warning('Member %s diverged at step %d: it stays at its last '
+                        'finite step while the others go on', member.name,
+                        h.rows[-1]['diverged_step'])
+    return is_best
+
+  def save(self, state: Population, train_metrics, validation_accuracy=None,
+           is_best=None):
+    """Checkpoints the population; at an evaluation also each member's
+    selected checkpoint: its best, or without a validation split its last."""
+    step = int(state.step)
+    arch = {k: v for k, v in self.run.architecture.items() if k != 'sweep'}
+    if is_best is not None:
+      validation_accuracy = np.broadcast_to(validation_accuracy, len(self.members))
+      for k, (h, member) in enumerate(zip(self.members, self.run.members)):
+        if is_best[k] or not h.has_validation:
+          meta = dict(arch, step=step, epoch=step // self.run.batches.steps_per_epoch,
+                      seed=member.seed, learning_rate=member.learning_rate,
+                      diverged_step=int(state.diverged_at[k]), **h.meta())
+          self.checkpoints[k].save(step, dict(state=state.member(k)), meta,
+                                   float(validation_accuracy[k]), is_best[k],
+                                   latest=not h.has_validation)
+      for c in self.checkpoints:
+        c.wait()
+    self.run.checkpoints.save(step, dict(state=state, train_metrics=train_metrics), dict(
+        self.run.architecture, step=step, epoch=step // self.run.batches.steps_per_epoch,
+        member_histories=[h.meta() for h in self.members]))
+    self.run.checkpoints.wait()
+
+  def write(self, row: dict) -> None:
+    """Each member's files, and one log line for the population."""
+    timing = self.members[0].timing(self.members[0].rows[-1])
+    for h in self.members:
+      h.write(h.rows[-1], log=False)
+    if self.is_writer:
+      reporting.plot_members(
+          {m.name: h.rows for m, h in zip(self.run.members, self.members)},
+          os.path.join(self.run.workdir, files.MEMBERS_PLOT),
+          f'{self.run.config.model} on {self.run.config.dataset.name}: '
+          f'{len(self.members)} members')
+    # The member selected so far: by validation, else by training loss.
+    scores = [h.best['accuracy'] if h.has_validation else -h.rows[-1]['train_loss']
+              for h in self.members]
+    best = self.members[int(np.argmax(np.nan_to_num(scores, nan=-np.inf)))]
+    diverged = sum(h.rows[-1]['diverged_step'] >= 0 for h in self.members)
+    logging.info('epoch %g/%g  %d members (%d diverged), leading %s: %s  %s',
+                 row['epoch'], self.run.total_steps / self.run.batches.steps_per_epoch,
+                 len(self.members), diverged, os.path.basename(best.workdir),
+                 reporting.epoch_line(best.rows[-1], best.best), timing)
+
+  def write_confusion(self, counts: np.ndarray, class_names, step: int) -> None:
+    for k, h in enumerate(self.members):
+      h.write_confusion(counts[k], class_names, step)
+
+  def finish(self) -> dict:
+    """Each member's summary, and the members ranked by validation accuracy
+    (in their order without a validation split: nothing selects them)."""
+    table = []
+    for h, member in zip(self.members, self.run.members):
+      summary = h.finish()
+      table.append(dict(member=member.name, seed=member.seed,
+                        learning_rate=member.learning_rate,
+                        diverged_step=int(h.rows[-1]['diverged_step']) if h.rows else -1,
+                        **{k: v for k, v in summary.items() if k.startswith(
+                            ('selected_', 'final_', 'epochs', 'steps'))}))
+    has_validation = self.members[0].has_validation
+    if has_validation:
+      table.sort(key=lambda r: -(r.get('selected_validation_accuracy') or -1.0))
+    summary = dict(selection='best_validation_accuracy' if has_validation else None,
+                   best_member=table[0]['member'] if has_validation else None,
+                   members=table)
+    rows = self.members[0].rows
+    if self.is_writer and rows and rows[-1]['step'] == self.run.total_steps:
+      files.write_json(os.path.join(self.run.workdir, files.SUMMARY), summary)
+      reporting.write_table(os.path.join(self.run.workdir, files.RANKING), table)
+      logging.info('Members%s:\n%s', ', best by validation accuracy first'
+                   if has_validation else '', reporting.format_table(table, [
+                       'member', 'selected_validation_accuracy',
+                       'selected_test_accuracy', 'diverged_step']))
+    return summary
