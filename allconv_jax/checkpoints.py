@@ -185,12 +185,18 @@ def restore_tree(directory: str, step: int, expected_meta: dict | None = None,
   manager = open_manager(directory)
   meta = _check_meta(manager, step, directory, expected_meta)
   try:
+    # Onto one local device: the checkpoint may come from another number of
+    # devices, whose shardings orbax would otherwise try to rebuild.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        manager.item_metadata(step)['state'].tree)
     tree = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
+        state=ocp.args.StandardRestore(abstract)))['state']
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'{field}: cannot read the checkpoint {directory}/{step} '
                     f'({type(e).__name__})') from None
-  return tree, meta
+  return jax.tree.map(np.asarray, tree), meta
 
 
 def _check_meta(manager, step: int, directory: str, expected: dict | None) -> dict:

@@ -243,6 +243,8 @@ class Records:
   def finish(self) -> dict:
     """Each member's summary, and the members ranked by validation accuracy
     (in their order without a validation split: nothing selects them)."""
+    for c in self.checkpoints:
+      c.close()
     table = []
     for h, member in zip(self.members, self.run.members):
       summary = h.finish()
