@@ -42,10 +42,10 @@ class History:
     self.best = (dict(accuracy=resumed['best_validation_accuracy'],
                       epoch=resumed['best_epoch']) if resumed
                  else dict(accuracy=-1.0, epoch=0))
+    self.tensorboard = None
     if is_writer:
       os.makedirs(self.workdir, exist_ok=True)
-    self.tensorboard = reporting.TensorBoard(self.workdir) if is_writer else None
-    if is_writer:
+      self.tensorboard = reporting.TensorBoard(self.workdir)
       reporting.write_csv(self._path(files.METRICS), self.rows)
     self.period_start = (time.time(), resumed['step'] if resumed else 0)
 
@@ -72,13 +72,17 @@ class History:
     return dict(history=self.rows, best_validation_accuracy=self.best['accuracy'],
                 best_epoch=self.best['epoch'])
 
+  def checkpoint_meta(self, step: int, architecture: dict) -> dict:
+    """A checkpoint's whole meta: `architecture`, where and the history."""
+    return dict(architecture, step=step,
+                epoch=step // self.run.batches.steps_per_epoch, **self.meta())
+
   def save(self, state, train_metrics, validation_accuracy=None, is_best=False):
     """Checkpoints the state with the history so far in its meta."""
     step = int(state.step)
-    meta = dict(self.run.architecture, step=step,
-                epoch=step // self.run.batches.steps_per_epoch, **self.meta())
     self.run.checkpoints.save(step, dict(state=state, train_metrics=train_metrics),
-                              meta, validation_accuracy, is_best)
+                              self.checkpoint_meta(step, self.run.architecture),
+                              validation_accuracy, is_best)
     # Committed before anything refers to it, so that a kill never leaves
     # metrics of an epoch the checkpoints do not have.
     self.run.checkpoints.wait()

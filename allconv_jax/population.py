@@ -202,9 +202,9 @@ class Records:
       validation_accuracy = np.broadcast_to(validation_accuracy, len(self.members))
       for k, (h, member) in enumerate(zip(self.members, self.run.members)):
         if is_best[k] or not h.has_validation:
-          meta = dict(arch, step=step, epoch=step // self.run.batches.steps_per_epoch,
-                      seed=member.seed, learning_rate=member.learning_rate,
-                      diverged_step=int(state.diverged_at[k]), **h.meta())
+          meta = dict(h.checkpoint_meta(step, arch), seed=member.seed,
+                      learning_rate=member.learning_rate,
+                      diverged_step=int(state.diverged_at[k]))
           self.checkpoints[k].save(step, dict(state=state.member(k)), meta,
                                    float(validation_accuracy[k]), is_best[k],
                                    latest=not h.has_validation)

@@ -23,8 +23,8 @@ from typing import Any
 
 import jax
 import ml_collections
-import optax
 import numpy as np
+import optax
 from absl import logging
 
 from allconv_jax import (checkpoints, config as config_lib, datasets, files,
@@ -56,6 +56,11 @@ class Setup:
     """What the run's checkpoints must match: the network and the members."""
     sweep = [[m.seed, m.learning_rate] for m in self.members] or None
     return dict(trained.architecture(self.config, self.data.num_classes), sweep=sweep)
+
+  @property
+  def seeds(self) -> list[int]:
+    """The seed of each member, or the run's."""
+    return [m.seed for m in self.members] or [self.config.seed]
 
   @property
   def total_steps(self) -> int:
@@ -128,8 +133,7 @@ def initial_state(run: Setup) -> Start:
   replicated = sharding.replicated(run.mesh)
   # The moving average (ema_decay) starts at the weights training starts from.
   start_ema = lambda state: steps.with_ema(state, config.ema_decay)
-  seeds = [m.seed for m in run.members] or [config.seed]
-  fresh = [start_ema(s) for s in steps.init_states(run.model, run.tx, seeds, run.mesh)]
+  fresh = [start_ema(s) for s in steps.init_states(run.model, run.tx, run.seeds, run.mesh)]
   # A population's states are its members' stacked (see `population`).
   combine = ((lambda states: population.stack(states, run.members, run.mesh))
              if run.members else (lambda states: states[0]))
@@ -169,7 +173,7 @@ def initial_state(run: Setup) -> Start:
   if config.init != 'lsuv':
     return Start(combine(fresh), train_metrics, preprocessor, None)
   states, reports = zip(*[_lsuv(run, state, preprocessor, seed)
-                          for state, seed in zip(fresh, seeds)])
+                          for state, seed in zip(fresh, run.seeds)])
   return Start(combine([start_ema(s) for s in states]), train_metrics,
                preprocessor, None, list(reports))
 
@@ -254,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ema_decay=config.ema_decay)
     if run.members:
       train_steps = population.make_train_steps(
-          run.model, run.tx, run.mesh, seeds=[m.seed for m in run.members],
+          run.model, run.tx, run.mesh, seeds=run.seeds,
           at_once=config.sweep.members_at_once or (1 if on_cpu else len(run.members)),
           **options)
     else:
