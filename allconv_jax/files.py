@@ -8,7 +8,8 @@ Layout of ``<workdir>/``:
   preprocess.npz               the input transform fitted on the training split
   config.json                  the config the run started with
   model_summary.txt            the network's full layer table (nn.tabulate)
-  metrics.csv, curves.png      one row / point per epoch
+  metrics.csv, curves.png      one row / point per epoch (the curves are
+                               redrawn at most every 30 s, and at the end)
   summary.json                 what the run reports, once it is complete
   lsuv_report.json             what LSUV did (init='lsuv')
   confusion.csv, .json, .png   confusion matrix and per-class accuracy

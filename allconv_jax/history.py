@@ -15,6 +15,11 @@ from absl import logging
 
 from allconv_jax import confusion, files, reporting
 
+# Drawing the curves takes about half a second, as long as an epoch of
+# CIFAR-10 on a GPU: between evaluations closer than this they are drawn
+# again only once the run ends. The CSV and TensorBoard get every row.
+PLOT_EVERY_SECONDS = 30.0
+
 
 def weights_prefix(config) -> str:
   """The column prefix of the weights a run selects and loads: ``'ema_'``
@@ -48,6 +53,7 @@ class History:
       self.tensorboard = reporting.TensorBoard(self.workdir)
       reporting.write_csv(self._path(files.METRICS), self.rows)
     self.period_start = (time.time(), resumed['step'] if resumed else 0)
+    self.plotted = -float('inf')  # When curves.png was last drawn.
 
   def _path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
@@ -87,20 +93,30 @@ class History:
     # metrics of an epoch the checkpoints do not have.
     self.run.checkpoints.wait()
 
-  def write(self, row: dict, log: bool = True) -> None:
-    """The CSV, curves, TensorBoard and (if `log`) the log line of a row."""
+  def write(self, row: dict, log: bool = True, plot: bool | None = None) -> None:
+    """The CSV, TensorBoard, curves (if `plot`, by default if `plot_due`)
+    and (if `log`) the log line of a row."""
     if self.is_writer:
       self.tensorboard.write_scalars(row['step'], {
           k: v for k, v in row.items()
           if k not in ('epoch', 'step') and np.isfinite(v)})
       reporting.write_csv(self._path(files.METRICS), self.rows)
-      reporting.plot_curves(self.rows, self._path(files.CURVES), title=(
-          f'{self.run.config.model} on {self.run.config.dataset.name}'))
+      if self.plot_due(row) if plot is None else plot:
+        reporting.plot_curves(self.rows, self._path(files.CURVES), title=(
+            f'{self.run.config.model} on {self.run.config.dataset.name}'))
+        self.plotted = time.monotonic()
     if log:
       logging.info('epoch %g/%g  %s  %s', row['epoch'],
                    self.run.total_steps / self.run.batches.steps_per_epoch,
                    reporting.epoch_line(row, self.best), self.timing(row))
     self.period_start = (time.time(), row['step'])
+
+  def plot_due(self, row: dict) -> bool:
+    """Whether the curves are drawn at `row`: the first row this process
+    writes, the run's last, and others `PLOT_EVERY_SECONDS` after the last
+    drawing."""
+    return (row['step'] == self.run.total_steps or
+            time.monotonic() - self.plotted >= PLOT_EVERY_SECONDS)
 
   def timing(self, row: dict) -> str:
     """Seconds per epoch of the period a row ends, and the run's ETA."""

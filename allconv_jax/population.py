@@ -218,9 +218,10 @@ class Records:
   def write(self, row: dict) -> None:
     """Each member's files, and one log line for the population."""
     timing = self.members[0].timing(self.members[0].rows[-1])
+    plot = self.members[0].plot_due(row)  # The members' plots go together.
     for h in self.members:
-      h.write(h.rows[-1], log=False)
-    if self.is_writer:
+      h.write(h.rows[-1], log=False, plot=plot)
+    if self.is_writer and plot:
       reporting.plot_members(
           {m.name: h.rows for m, h in zip(self.run.members, self.members)},
           os.path.join(self.run.workdir, files.MEMBERS_PLOT),

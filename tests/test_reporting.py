@@ -1,7 +1,10 @@
-"""Progress of training: a bar per period on a terminal, lines elsewhere."""
+"""Progress of training: a bar per period on a terminal, lines elsewhere; the
+curves, redrawn at most every 30 s."""
 
 import io
+import types
 
+import ml_collections
 from absl import logging
 
 from allconv_jax import reporting
@@ -38,3 +41,22 @@ def test_without_a_bar_lines_give_the_rate_and_eta(monkeypatch):
   progress(71)  # t=240: 30 steps in 40 s, the evaluation's time left out.
   assert lines == ['step 31/100  0.8 steps/s  ETA 0:01:32',
                    'step 71/100  0.8 steps/s  ETA 0:00:38']
+
+
+def test_curves_are_redrawn_at_most_every_30_s_and_at_the_end(monkeypatch, tmp_path):
+  from allconv_jax import history  # pylint: disable=g-import-not-at-top
+  drawn, clock = [], iter([0.0, 0.0, 10.0, 31.0, 31.0, 40.0, 41.0])
+  monkeypatch.setattr(history.time, 'monotonic', lambda: next(clock))
+  monkeypatch.setattr(reporting, 'plot_curves', lambda rows, *_, **__: drawn.append(
+      rows[-1]['step']))
+  run = types.SimpleNamespace(
+      workdir=str(tmp_path), total_steps=50, data=types.SimpleNamespace(validation=None),
+      config=ml_collections.ConfigDict(dict(model='m', dataset=dict(name='d'))),
+      batches=types.SimpleNamespace(steps_per_epoch=10))
+  record = history.History(run, None, is_writer=True)
+  for step in (10, 20, 30, 40, 50):  # At t = 0, 10, 31, 40 and 41 s.
+    record.add(dict(dict.fromkeys(reporting.COLUMNS, 0.5), epoch=step // 10, step=step))
+    record.write(record.rows[-1], log=False)
+  assert drawn == [10, 30, 50]
+  assert [r['step'] for r in reporting.read_csv(tmp_path / 'metrics.csv')] == [
+      10, 20, 30, 40, 50]

@@ -92,37 +92,23 @@ def test_eval_mode_reports_the_checkpoint_selected_on_validation(trained):
   assert report['step'] == int(best['step'])
 
 
-def test_resume_continues_without_repeating_epochs(tmp_path):
-  workdir = tmp_path / 'wd'
-  first = run_binary(*TINY, f'--workdir={workdir}', '--config.num_epochs=1')
-  assert first.returncode == 0, first.stderr[-3000:]
-  second = run_binary(*TINY, f'--workdir={workdir}', '--config.num_epochs=2')
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert 'Resuming from step' in second.stderr
-  assert [int(r['epoch']) for r in _rows(workdir)] == [1, 2]
-  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints' / 'latest'))
-  assert steps[-1] == int(_rows(workdir)[-1]['step'])
-
-
 def test_several_steps_per_call_give_the_same_run_and_resume_exactly(trained, tmp_path):
-  # Five steps per call (14 per epoch: calls of 5, 5, 4) against the plain
-  # one step per call of `trained`; then stopped by SIGTERM when the first
-  # call ends and resumed. On this CPU all three are bit for bit the same.
+  # Five steps per call (14 per epoch: calls of 5, 5, 4), stopped by SIGTERM
+  # when the first call ends and resumed, against the plain one step per
+  # call of `trained`: on this CPU bit for bit the same.
   numbers = lambda workdir: [{k: v for k, v in r.items() if k != 'seconds'}
                              for r in _rows(workdir)]
-  chunked, stopped = tmp_path / 'chunked', tmp_path / 'stopped'
-  args = [*TINY, '--config.num_epochs=2', '--config.steps_per_dispatch=5']
-  result = run_binary(*args, f'--workdir={chunked}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert numbers(chunked) == numbers(trained[0])
+  stopped = tmp_path / 'stopped'
+  args = [*TINY, '--config.num_epochs=2', '--config.steps_per_dispatch=5',
+          f'--workdir={stopped}']
   signal_at = [sys.executable, str(pathlib.Path(__file__).parent / 'signal_at_step.py')]
-  first = run_binary(*args, f'--workdir={stopped}', env={'SIGNAL_AT_STEP': '5'},
-                     python=signal_at)
+  first = run_binary(*args, env={'SIGNAL_AT_STEP': '5'}, python=signal_at)
   assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
   assert os.listdir(stopped / 'checkpoints' / 'latest') == ['5']
-  second = run_binary(*args, f'--workdir={stopped}')
+  second = run_binary(*args)
   assert second.returncode == 0, second.stderr[-3000:]
-  assert numbers(stopped) == numbers(chunked)
+  assert 'Resuming from step 5' in second.stderr
+  assert numbers(stopped) == numbers(trained[0])
 
 
 def _bad_inputs(tmp_path, trained_workdir):
@@ -173,7 +159,7 @@ def test_bad_input_through_a_real_process(tmp_path):
   assert not (tmp_path / 'wd').exists()
 
 
-def test_lsuv_runs_once_before_training_and_not_on_resume(tmp_path):
+def test_resume_continues_the_run_and_lsuv_runs_only_before_it(tmp_path):
   from allconv_jax import train  # pylint: disable=g-import-not-at-top
   config = load_config('digits.py')
   config.width, config.init, config.num_epochs = 0.25, 'lsuv', 1
@@ -189,6 +175,10 @@ def test_lsuv_runs_once_before_training_and_not_on_resume(tmp_path):
   summary = train.train_and_evaluate(config, str(workdir))
   assert summary['epochs'] == 2
   assert report_file.stat().st_mtime_ns == written  # Not run again on resume.
+  # The first epoch is neither repeated nor lost.
+  assert [int(r['epoch']) for r in _rows(workdir)] == [1, 2]
+  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints' / 'latest'))
+  assert steps[-1] == summary['steps'] == int(_rows(workdir)[-1]['step'])
 
 
 def test_preprocessing_is_fitted_on_the_training_images_only(trained):
