@@ -1,6 +1,7 @@
 """Shared helpers: running the real binary, in a subprocess or in-process."""
 
 import atexit
+import fcntl
 import os
 import pathlib
 import shutil
@@ -109,12 +110,48 @@ def repo():
   return REPO
 
 
+class TinyRun:
+  """`TINY` trained for two epochs by the binary: its workdir and output."""
+
+  def __init__(self, base: pathlib.Path):
+    self.workdir = base / 'wd'
+    self.stdout = (base / 'stdout').read_text()
+    self.stderr = (base / 'stderr').read_text()
+
+  def copy(self, directory: pathlib.Path) -> pathlib.Path:
+    """A copy of the workdir, for a test that writes into one."""
+    return pathlib.Path(shutil.copytree(self.workdir, directory / 'wd'))
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory, worker_id) -> TinyRun:
+  """One `TinyRun` for the whole suite, read-only: the first of the xdist
+  workers to ask trains it, in their shared directory, while the other waits.
+
+  Python lists on stderr every module the run imports (-X importtime).
+  """
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != 'master':  # The workers' directories share a parent.
+    root = root.parent
+  base = root / 'tiny_run'
+  with open(root / 'tiny_run.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (base / 'stderr').exists():
+      shutil.rmtree(base, ignore_errors=True)  # A failed attempt's.
+      result = run_binary(*TINY, f'--workdir={base / "wd"}', '--config.num_epochs=2',
+                          env={'PYTHONPROFILEIMPORTTIME': '1'})
+      assert result.returncode == 0, result.stderr[-3000:]
+      (base / 'stdout').write_text(result.stdout)
+      (base / 'stderr').write_text(result.stderr)
+  return TinyRun(base)
+
+
 # The modules that run longest (most of them start processes of their own)
 # go first: `make test` hands each of its two workers a file at a time, and a
 # long module picked up last would run alone while the other worker idles.
-_LONGEST_FIRST = ('test_robustness.py', 'test_distributed.py', 'test_population.py',
-                  'test_train.py',
-                  'test_experiments.py', 'test_notebook.py', 'test_transfer.py')
+_LONGEST_FIRST = ('test_distributed.py', 'test_robustness.py', 'test_population.py',
+                  'test_train.py', 'test_transfer.py', 'test_experiments.py',
+                  'test_conv.py', 'test_lsuv.py', 'test_notebook.py')
 
 
 def pytest_collection_modifyitems(items):

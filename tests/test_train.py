@@ -17,14 +17,10 @@ from conftest import TINY, load_config, run_binary, run_main, snapshot
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A tiny All-CNN-C trained for two epochs on digits by the real binary."""
-  workdir = tmp_path_factory.mktemp('run') / 'wd'
-  # Python lists every module it imports on stderr (-X importtime).
-  result = run_binary(*TINY, f'--workdir={workdir}', '--config.num_epochs=2',
-                      env={'PYTHONPROFILEIMPORTTIME': '1'})
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+def trained(tiny_run):
+  """A tiny All-CNN-C trained for two epochs on digits by the real binary
+  (shared with other modules: nothing here writes into it)."""
+  return tiny_run.workdir, tiny_run
 
 
 def test_training_imports_neither_tensorflow_nor_tfds(trained):
@@ -80,8 +76,8 @@ def test_training_writes_every_output_and_learns(trained):
   assert os.listdir(workdir / 'checkpoints' / 'best')
 
 
-def test_eval_mode_reports_the_checkpoint_selected_on_validation(trained):
-  workdir, _ = trained
+def test_eval_mode_reports_the_checkpoint_selected_on_validation(tiny_run, tmp_path):
+  workdir = tiny_run.copy(tmp_path)  # The eval writes the test split's confusion.
   result = run_binary(*TINY, f'--workdir={workdir}', '--mode=eval')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -223,10 +219,11 @@ def test_selection_follows_validation_not_test(tmp_path, monkeypatch):
 
 def test_without_a_validation_split_the_final_checkpoint_is_used(tmp_path, capsys):
   workdir = tmp_path / 'wd'
-  result = run_binary(*TINY, f'--workdir={workdir}', '--config.num_epochs=2',
-                      '--config.dataset.validation_size=0')
-  assert result.returncode == 0, result.stderr[-3000:]
-  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  out = []
+  code, err = run_main(capsys, *TINY, f'--workdir={workdir}', '--config.num_epochs=2',
+                       '--config.dataset.validation_size=0', stdout=out)
+  assert code == 0, err[-3000:]
+  summary = json.loads(out[0].strip().splitlines()[-1])
   rows = _rows(workdir)
   assert summary['selection'] == 'final' and summary['selected_epoch'] == 2
   assert summary['selected_validation_accuracy'] is None

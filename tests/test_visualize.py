@@ -9,7 +9,7 @@ import pytest
 
 from allconv_jax import files, models, visualize
 from allconv_jax.errors import UserError
-from conftest import TINY, run_binary, run_main, snapshot
+from conftest import TINY, run_main, snapshot
 
 
 # ----------------------------------------------------------------- ReLUs
@@ -114,12 +114,10 @@ def test_api_names_what_exists(tiny):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A tiny All-CNN-C trained for one epoch by the real binary."""
-  workdir = tmp_path_factory.mktemp('run') / 'run'
-  result = run_binary(*TINY, f'--workdir={workdir}', '--config.num_epochs=1')
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+def trained(tiny_run, tmp_path_factory):
+  """A tiny All-CNN-C trained by the real binary (a copy: the mode writes
+  into it)."""
+  return tiny_run.copy(tmp_path_factory.mktemp('run'))
 
 
 def test_mode_writes_png_grids(trained, capsys):
