@@ -12,11 +12,11 @@ steps per epoch), 3 epochs, with a checkpoint every 5 steps:
 * a fresh run at an absurd learning rate, a run told to stop at the last step
   of an epoch, and the table of bad inputs (`BAD_INPUTS`, robustness_lab.py).
 
-Each run costs 15-40 s (10 s of TensorFlow import alone), so the module
-fixture `lab` starts them all at once in two lanes (two CPU cores) and each
-test waits for the runs it looks at. All runs share a JAX compilation cache of
-their own, so restarts do not compile again, except C, which compiles from
-scratch.
+Each run costs 15-40 s (about 8 s before its first step: imports, digits,
+setup), so the module fixture `lab` starts them all at once in two lanes (two
+CPU cores) and each test waits for the runs it looks at. All runs share a
+JAX compilation cache of their own, so restarts do not compile again, except
+C, which compiles from scratch.
 """
 
 import dataclasses
