@@ -21,6 +21,13 @@ from allconv_jax import confusion, files, reporting
 PLOT_EVERY_SECONDS = 30.0
 
 
+def checkpoint_meta(run, step: int, architecture: dict, **extra) -> dict:
+  """A checkpoint's meta: `architecture`, where the run is, and `extra`
+  (a history, see `History.meta`)."""
+  return dict(architecture, step=step, epoch=step // run.batches.steps_per_epoch,
+              **extra)
+
+
 def weights_prefix(config) -> str:
   """The column prefix of the weights a run selects and loads: ``'ema_'``
   for the moving average (``ema_decay``), else ``''``."""
@@ -78,16 +85,12 @@ class History:
     return dict(history=self.rows, best_validation_accuracy=self.best['accuracy'],
                 best_epoch=self.best['epoch'])
 
-  def checkpoint_meta(self, step: int, architecture: dict) -> dict:
-    """A checkpoint's whole meta: `architecture`, where and the history."""
-    return dict(architecture, step=step,
-                epoch=step // self.run.batches.steps_per_epoch, **self.meta())
-
   def save(self, state, train_metrics, validation_accuracy=None, is_best=False):
     """Checkpoints the state with the history so far in its meta."""
     step = int(state.step)
     self.run.checkpoints.save(step, dict(state=state, train_metrics=train_metrics),
-                              self.checkpoint_meta(step, self.run.architecture),
+                              checkpoint_meta(self.run, step, self.run.architecture,
+                                              **self.meta()),
                               validation_accuracy, is_best)
     # Committed before anything refers to it, so that a kill never leaves
     # metrics of an epoch the checkpoints do not have.
@@ -101,13 +104,14 @@ class History:
           k: v for k, v in row.items()
           if k not in ('epoch', 'step') and np.isfinite(v)})
       reporting.write_csv(self._path(files.METRICS), self.rows)
-      if self.plot_due(row) if plot is None else plot:
+      if plot is None:
+        plot = self.plot_due(row)
+      if plot:
         reporting.plot_curves(self.rows, self._path(files.CURVES), title=(
             f'{self.run.config.model} on {self.run.config.dataset.name}'))
         self.plotted = time.monotonic()
     if log:
-      logging.info('epoch %g/%g  %s  %s', row['epoch'],
-                   self.run.total_steps / self.run.batches.steps_per_epoch,
+      logging.info('epoch %g/%g  %s  %s', row['epoch'], self.run.epochs,
                    reporting.epoch_line(row, self.best), self.timing(row))
     self.period_start = (time.time(), row['step'])
 

@@ -202,17 +202,19 @@ class Records:
       validation_accuracy = np.broadcast_to(validation_accuracy, len(self.members))
       for k, (h, member) in enumerate(zip(self.members, self.run.members)):
         if is_best[k] or not h.has_validation:
-          meta = dict(h.checkpoint_meta(step, arch), seed=member.seed,
-                      learning_rate=member.learning_rate,
-                      diverged_step=int(state.diverged_at[k]))
+          meta = history.checkpoint_meta(
+              self.run, step, arch, **h.meta(), seed=member.seed,
+              learning_rate=member.learning_rate,
+              diverged_step=int(state.diverged_at[k]))
           self.checkpoints[k].save(step, dict(state=state.member(k)), meta,
                                    float(validation_accuracy[k]), is_best[k],
                                    latest=not h.has_validation)
       for c in self.checkpoints:
         c.wait()
-    self.run.checkpoints.save(step, dict(state=state, train_metrics=train_metrics), dict(
-        self.run.architecture, step=step, epoch=step // self.run.batches.steps_per_epoch,
-        member_histories=[h.meta() for h in self.members]))
+    self.run.checkpoints.save(
+        step, dict(state=state, train_metrics=train_metrics),
+        history.checkpoint_meta(self.run, step, self.run.architecture,
+                                member_histories=[h.meta() for h in self.members]))
     self.run.checkpoints.wait()
 
   def write(self, row: dict) -> None:
@@ -233,7 +235,7 @@ class Records:
     best = self.members[int(np.argmax(np.nan_to_num(scores, nan=-np.inf)))]
     diverged = sum(h.rows[-1]['diverged_step'] >= 0 for h in self.members)
     logging.info('epoch %g/%g  %d members (%d diverged), leading %s: %s  %s',
-                 row['epoch'], self.run.total_steps / self.run.batches.steps_per_epoch,
+                 row['epoch'], self.run.epochs,
                  len(self.members), diverged, os.path.basename(best.workdir),
                  reporting.epoch_line(best.rows[-1], best.best), timing)
 

@@ -66,6 +66,11 @@ class Setup:
   def total_steps(self) -> int:
     return optimizers.total_steps(self.config, self.batches.steps_per_epoch)
 
+  @property
+  def epochs(self) -> float:
+    """The run's length in epochs (fractional with ``num_train_steps``)."""
+    return self.total_steps / self.batches.steps_per_epoch
+
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Checks the config and builds the run's parts; writes nothing.
@@ -272,9 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, train_metrics, step = start.state, start.train_metrics, int(start.state.step)
     local = sharding.local_slice(config.batch_size)
     every = config.eval_every_steps or run.batches.steps_per_epoch
-    epochs = run.total_steps / run.batches.steps_per_epoch
     progress = reporting.Progress(run.total_steps, every, lambda end: (
-        f'epoch {reporting.epoch_of(end, run.batches.steps_per_epoch)}/{epochs:g}'))
+        f'epoch {reporting.epoch_of(end, run.batches.steps_per_epoch)}/{run.epochs:g}'))
     test_confusion = None
     with stopping.StopRequests(config.distributed.stop_check_every_steps) as stop:
       while step < run.total_steps:
