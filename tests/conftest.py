@@ -157,3 +157,10 @@ _LONGEST_FIRST = ('test_distributed.py', 'test_robustness.py', 'test_population.
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'rounding: compares two programs that round differently, '
+      'within a noise floor measured in the test (tests/rounding.py); '
+      '`make test-isa` runs them with the instruction set capped')

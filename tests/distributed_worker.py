@@ -26,10 +26,10 @@ def _record_writes(workdir: str, log_path: str) -> None:
     return os.path.relpath(path, workdir) if path.startswith(workdir + os.sep) else None
 
   def hook(event, args):
-    if event == 'open':
-      path, mode = args[0], args[1]
+    if event == 'open':  # From `open` (a mode) and `os.open` (no mode).
+      path, mode, flags = args
       writes = isinstance(mode, str) and any(c in mode for c in 'wax+')
-      writes = writes or (isinstance(mode, int) and mode & (os.O_WRONLY | os.O_RDWR))
+      writes = writes or bool((flags or 0) & (os.O_WRONLY | os.O_RDWR))
     elif event in ('os.rename', 'os.replace', 'os.mkdir'):
       path, writes = args[1] if event != 'os.mkdir' else args[0], True
     else:

@@ -15,7 +15,8 @@ is two processes at once; the machine has two cores):
   heartbeat timeout, its process 1 is SIGKILLed (process 0 must end by
   itself with one line); restarted again, it must end bit for bit like A;
 * R, one process with 4 devices (A's metrics must match it within float
-  rounding); the bad inputs that need processes; and one process with 4
+  rounding, measured against the same run on 2 and on 1 device: see
+  tests/rounding.py); the bad inputs that need processes; and one process with 4
   devices resuming a copy of B's workdir at its SIGTERM checkpoint.
 
 Every process of a pair runs through tests/distributed_worker.py, which
@@ -37,6 +38,7 @@ import numpy as np
 import pytest
 
 from conftest import TEST_XLA_FLAGS, TINY, run_main
+from rounding import assert_within, max_relative_gap
 from robustness_lab import (Lab, assert_trees_equal, committed_steps,
                             lines_starting, load_checkpoint, read_rows,
                             resumed_from, without_seconds)
@@ -57,12 +59,27 @@ WORKER = os.path.join(os.path.dirname(__file__), 'distributed_worker.py')
 # The CSV, TensorBoard and plots: process 0's alone.
 REPORTS = re.compile(r'^(metrics\.csv|events\.out\.tfevents\..*|curves\.png|'
                      r'confusion\..*|summary\.json|config\.json|preprocess\.npz)')
-# Losses of a pair and of one process with 4 devices differ by the order of
-# the cross-device sums (Gloo's against XLA's in-process all-reduce): float32
-# rounding, grown over 28 Adam steps. Accuracies may differ by a few images
-# whose top two classes are that close.
-LOSS_RTOL = 1e-3
-ACCURACY_ATOL = 3 / 200  # three images of the 200 validation digits
+# A pair and one process with 4 devices sum across devices in another order
+# (Gloo's against XLA's in-process all-reduce): float32 rounding, which 28
+# steps of this tiny network with batch norm amplify by an amount that depends
+# on the CPU and varies a lot from one ordering to another (measured here:
+# 2e-5 to 1e-2 of the validation loss between 4, 2 and 1 devices; issue 27's
+# AVX-512 machine: 1.1e-3). So the bound is measured: one process with 2
+# devices (the same sums in yet another order) against the one with 4 gives
+# the noise floor, and so does one with 1 device: the larger of the two, as
+# a single ordering may by chance be much closer than others (tests/rounding.py).
+# The bound is loose, and means "trains
+# like", not "computes the same": that the sharded step computes the same to
+# float32 rounding is test_sharding.py's one-step comparison, and that the
+# pair's state is exact, the bit-for-bit resume below.
+TWINS = {'r2': 2, 'r1': 1}  # Their device counts.
+# A hundred float32 ulps: the bound if the floor happens to be 0.
+LOSS_MINIMUM = 100 * float(np.finfo(np.float32).eps)
+# Accuracy is a step function of the logits: whether any image sits within
+# the noise of a tie between its top two classes is chance, so a floor of 0
+# flipped images says little. Three of the 200 validation digits at least.
+VALIDATION_IMAGES = 200
+MIN_FLIPS = 3
 
 
 def _free_port() -> int:
@@ -138,8 +155,8 @@ def pair_run(lab, name):
   return [p.wait() for p in procs]
 
 
-def single_run(lab, name, workdir, extra=()):
-  return lab.run(name, [*ARGS, *extra, f'--workdir={workdir}'], env=_env(4))
+def single_run(lab, name, workdir, extra=(), devices=4):
+  return lab.run(name, [*ARGS, *extra, f'--workdir={workdir}'], env=_env(devices))
 
 
 def preempted_pair(lab, workdir):
@@ -202,6 +219,8 @@ def lab(tmp_path_factory):
        job('b1', preempted_pair, lab.base / 'b'),
        job('b2', dead_peer_and_restart, lab.base / 'b')],
       [job('r', single_run, 'r', lab.base / 'r'),
+       *(job(name, single_run, name, lab.base / name, (), devices)
+         for name, devices in TWINS.items()),
        job('bad-unreachable', bad_single, 'bad-unreachable', [
            f'--config.distributed.coordinator_address={unreachable}',
            '--config.distributed.num_processes=2',
@@ -219,19 +238,26 @@ def lab(tmp_path_factory):
 # ----------------------------------------------------------------- tests
 
 
-def _assert_close(rows, reference):
-  assert [r['step'] for r in rows] == [r['step'] for r in reference]
-  for row, ref in zip(rows, reference):
-    for key in row:
-      if key == 'seconds':
-        continue
-      a, b = float(row[key]), float(ref[key])
-      if key.endswith('accuracy'):
-        assert abs(a - b) <= ACCURACY_ATOL, (key, row, ref)
-      else:
-        assert np.isclose(a, b, rtol=LOSS_RTOL, atol=0), (key, row, ref)
+def _assert_close(rows, lab):
+  """`rows` match one process with 4 devices (R) within the rounding noise
+  between R and the same run on 2 and on 1 device, measured on this machine:
+  every column but the accuracies relative, accuracies in flipped images."""
+  for name in ('r', *TWINS):
+    assert lab.result(name).returncode == 0, lab.result(name).tail()
+  reference = read_rows(lab.base / 'r')
+  twins = [read_rows(lab.base / name) for name in TWINS]
+  for other in (rows, *twins):
+    assert [r['step'] for r in other] == [r['step'] for r in reference]
+  accuracies = [k for k in reference[0] if k.endswith('accuracy')]
+  others = [k for k in reference[0] if k != 'seconds' and k not in accuracies]
+  gap = lambda a: max(max_relative_gap(x, r, others) for x, r in zip(a, reference))
+  flips = lambda a: max(round(VALIDATION_IMAGES * abs(float(x[k]) - float(r[k])))
+                        for x, r in zip(a, reference) for k in accuracies)
+  assert_within(gap(rows), max(map(gap, twins)), 'losses, relative', LOSS_MINIMUM)
+  assert_within(flips(rows), max(map(flips, twins)), 'accuracies, images', MIN_FLIPS)
 
 
+@pytest.mark.rounding
 def test_pair_trains_like_one_process_with_four_devices(lab):
   pair, single = lab.result('a'), lab.result('r')
   for result in (*pair, single):
@@ -241,9 +267,9 @@ def test_pair_trains_like_one_process_with_four_devices(lab):
   # Both processes return the same summary.
   summaries = [json.loads(r.stdout.strip().splitlines()[-1]) for r in pair]
   assert summaries[0] == summaries[1] and summaries[0]['steps'] == LAST_STEP
-  rows, reference = read_rows(lab.base / 'a'), read_rows(lab.base / 'r')
+  rows = read_rows(lab.base / 'a')
   assert [int(r['epoch']) for r in rows] == [1, 2]
-  _assert_close(rows, reference)
+  _assert_close(rows, lab)
   assert float(rows[-1]['test_accuracy']) > 0.3  # It learns (chance: 20%).
 
 
@@ -276,6 +302,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(lab):
   assert load_checkpoint(lab.base / 'single', with_state=False)[2]['step'] == steps[0]
 
 
+@pytest.mark.rounding
 def test_one_process_resumes_the_checkpoint_of_the_pair(lab):
   _, results, committed = lab.result('b1')
   result = lab.result('single')
@@ -284,7 +311,7 @@ def test_one_process_resumes_the_checkpoint_of_the_pair(lab):
   assert '4 device(s)' in result.stderr
   rows = read_rows(lab.base / 'single')
   assert [int(r['epoch']) for r in rows] == [1, 2]
-  _assert_close(rows, read_rows(lab.base / 'r'))
+  _assert_close(rows, lab)
 
 
 def test_a_dead_peer_ends_the_other_process_with_one_line_in_bounded_time(lab):

@@ -158,7 +158,11 @@ def test_export_to_a_path_that_is_a_file_is_a_one_line_error(workdir, tmp_path, 
   assert (copy / 'export').read_text() == 'in the way'
 
 
+@pytest.mark.rounding
 def test_exported_preprocessing_matches_the_preprocessor_with_gcn_zca():
+  # numpy's transform against the exported XLA one: one pass of sums over
+  # 192 values, a few float32 ulps apart in any order on any CPU (1e-5 of
+  # the largest value is ~80); a wrong mean or matrix is off by O(1).
   # 8x8 images keep the ZCA fit small; the transform does not depend on size.
   rng = np.random.default_rng(0)
   train = rng.integers(0, 256, (300, 8, 8, 3), np.uint8)
