@@ -20,6 +20,7 @@ from allconv_jax.errors import UserError
 
 OPTIMIZERS = ('sgd', 'adam', 'rmsprop')
 SCHEDULES = ('piecewise', 'onecycle')
+TRANSFER_HEADS = ('zeros', 'fresh')  # transfer.head_init
 
 
 # The paper's Table 3: CIFAR-10 test error in percent without augmentation,
@@ -49,8 +50,7 @@ def defaults() -> ml_collections.ConfigDict:
   """
   config = ml_collections.ConfigDict()
 
-  # Network: one of allconv_jax.models.NAMES (model_a .. all_cnn_c).
-  config.model = 'all_cnn_c'
+  config.model = 'all_cnn_c'  # One of allconv_jax.models.NAMES.
   # Classes of the class layer; None takes it from the data.
   config.num_classes = config_dict.placeholder(int)
   # Multiplier on the 96/192 channels of the paper (1.0 = the paper).
@@ -66,21 +66,20 @@ def defaults() -> ml_collections.ConfigDict:
   config.class_relu = True
   # Compute dtype: 'float32' or 'bfloat16' (parameters and loss stay float32).
   config.dtype = 'float32'
-  # How convolutions are computed: 'auto' (the fastest measured on the
-  # platform: 'onednn' on CPU where it can be built, else 'subpixel';
-  # 'native' on GPU/TPU), 'native' (XLA's), 'subpixel' (strided convs get an
-  # input gradient without XLA's zero dilation) or 'onednn' (oneDNN's
-  # convolutions; see allconv_jax/conv.py and onednn.py). Results agree to
-  # float32 rounding.
+  # How convolutions are computed: 'auto' (the fastest measured: 'onednn' on
+  # CPU where it can be built, else 'subpixel'; 'native' on GPU/TPU), 'native'
+  # (XLA's), 'subpixel' (strided convs get an input gradient without XLA's
+  # zero dilation) or 'onednn' (see allconv_jax/conv.py and onednn.py).
+  # Results agree to float32 rounding.
   config.conv_impl = 'auto'
   # Kernel initializer: he_uniform, glorot_normal, gaussian (std 0.01),
   # orthogonal, or lsuv (data-driven; see allconv_jax/lsuv.py).
   config.init = 'he_uniform'
 
-  # LSUV (init='lsuv'): run once before the first step on this many
-  # preprocessed training images; rescale each conv until its output variance
-  # is within tol of 1 (at most max_iters times), measured before the ReLU
-  # ('pre_activation', as in the paper) or after it ('post_activation').
+  # LSUV (init='lsuv'), once before the first step on this many preprocessed
+  # training images: each conv rescaled until its output variance is within tol
+  # of 1 (max_iters times at most), before the ReLU ('pre_activation', the
+  # paper's) or after it ('post_activation').
   config.lsuv = ml_collections.ConfigDict()
   config.lsuv.batch_size = 128
   config.lsuv.tol = 0.1
@@ -96,9 +95,8 @@ def defaults() -> ml_collections.ConfigDict:
   # to prepare from with no network.
   config.dataset.archive = config_dict.placeholder(str)
   # Images held out of the training split for model selection: never trained
-  # on, never used to fit the preprocessing. Stratified by class and the same
-  # for every run on the same data, whatever the seed. 0: no validation split,
-  # and the final checkpoint is the selected one.
+  # on, never used to fit the preprocessing; stratified by class, the same for
+  # every seed. 0: no validation split (the final checkpoint is selected).
   config.dataset.validation_size = 0
   # Class subset: comma-separated names or indices, relabelled 0..k-1 in that
   # order ('' = all classes), e.g. 'cat,dog' or '3,5'.
@@ -143,11 +141,10 @@ def defaults() -> ml_collections.ConfigDict:
   # Train steps per dispatch (one jitted call runs them from the training
   # split kept on the device), cut short at evaluations and checkpoints;
   # signals are handled between calls. 0: 1 on a CPU, where a call costs
-  # little beside a step, and 100 on an accelerator, where it would decide
-  # the speed.
+  # little beside a step, 100 on an accelerator, where it decides the speed.
   config.steps_per_dispatch = 0
-  # Evaluate (and checkpoint, and select) every this many steps instead of at
-  # the end of every epoch (0: every epoch), and at the last step.
+  # Evaluate (checkpoint, select) every this many steps, and at the last
+  # step, instead of at the end of every epoch (0: every epoch).
   config.eval_every_steps = 0
   # sgd, adam or rmsprop.
   config.optimizer = 'sgd'
@@ -163,24 +160,22 @@ def defaults() -> ml_collections.ConfigDict:
   # L2 penalty added to the gradient of every parameter.
   config.weight_decay = 0.001
 
-  # Options the paper does not use, measured on digits in
-  # experiments/results/training_options_digits/. Label smoothing
-  # (optax.smooth_labels): this much of the targets' mass goes evenly to all
-  # classes (0: one-hot); evaluation losses stay plain cross-entropy.
+  # Options the paper does not use (experiments/results/training_options_digits/).
+  # Label smoothing (optax.smooth_labels): this much of the targets' mass goes
+  # evenly to all classes (0: one-hot); evaluation losses stay cross-entropy.
   config.label_smoothing = 0.0
   # Moving average of the weights and batch-norm statistics, updated after
   # each step t with decay min(ema_decay, (1 + t) / (10 + t)) (TensorFlow's
-  # ExponentialMovingAverage with num_updates); 0: off. It is evaluated
-  # beside the trained weights (ema_* columns), checkpointed, selects on
-  # validation, and is what eval, visualize, predict, export and transfer load.
+  # ExponentialMovingAverage with num_updates); 0: off. Evaluated beside the
+  # trained weights (ema_* columns), checkpointed, it selects on validation
+  # and is what eval, visualize, predict, export and transfer load.
   config.ema_decay = 0.0
   # Also evaluate with horizontal-flip test-time augmentation (the mean
   # softmax of each image and its mirror; *_flip_accuracy columns), which
   # never selects; eval, predict and export stay plain.
   config.eval_flip = False
 
-  # Seed of initialization, batch order, augmentation and dropout.
-  config.seed = 0
+  config.seed = 0  # Of initialization, batch order, augmentation and dropout.
 
   # A population (see allconv_jax/population.py): every learning rate times
   # every seed trained together as one program, each member a run of its own
@@ -189,8 +184,7 @@ def defaults() -> ml_collections.ConfigDict:
   config.sweep.seeds = ()
   config.sweep.learning_rates = ()
   # Members whose steps are computed at once (jax.vmap), the next ones after
-  # them. 0: all on an accelerator, which they fill together; 1 on a CPU,
-  # which one member's step keeps busy.
+  # them. 0: all on an accelerator, 1 on a CPU (one member's step fills it).
   config.sweep.members_at_once = 0
 
   # Checkpoints: every epoch, and every this many steps too (0: epochs only).
@@ -208,12 +202,16 @@ def defaults() -> ml_collections.ConfigDict:
   config.transfer.reinit = 'classifier'
   # Feature-extractor mode: train only the re-initialized layers.
   config.transfer.freeze = False
+  # A re-initialized class layer starts at 'zeros' (kernel and bias: a uniform
+  # prediction, loss ln k; big_vision's head_zeroinit) or 'fresh' (the kernel
+  # initializer's draw, zero bias); other re-initialized layers start fresh.
+  config.transfer.head_init = 'zeros'
 
   # --mode=visualize (allconv_jax/visualize.py): guided backpropagation,
   # deconvnet and saliency maps into <workdir>/visualizations/<layer>.png.
   config.visualize = ml_collections.ConfigDict()
-  # Comma-separated layers (conv1, conv2, ..., classifier); '' = a low, a
-  # middle and a top hidden layer, e.g. conv1, conv4, conv8 of All-CNN-C.
+  # Comma-separated layers (conv1, ..., classifier); '' = a low, a middle and
+  # a top hidden layer, e.g. conv1, conv4, conv8 of All-CNN-C.
   config.visualize.layers = ''
   # Comma-separated channel indices drawn for every chosen layer; '' = each
   # layer's num_units channels of highest mean activation on the test split.
@@ -222,19 +220,19 @@ def defaults() -> ml_collections.ConfigDict:
   # Test images per unit: those on which its mean activation is highest.
   config.visualize.num_images = 4
 
-  # --mode=predict (see allconv_jax/predict.py): class probabilities of the
-  # selected checkpoint for your own images (the run's own classes and
+  # --mode=predict (allconv_jax/predict.py): class probabilities of the
+  # selected checkpoint for your own images (the run's classes and
   # preprocessing), one JSON line per image and <workdir>/predictions.csv.
   config.predict = ml_collections.ConfigDict()
-  # An image file (any format Pillow reads), a folder or a glob such as
-  # 'photos/*.jpg'; each is turned upright (EXIF), made RGB and stretched to
-  # 32x32 (Image.BILINEAR, antialiased); files that are not images are skipped.
+  # An image file (any format Pillow reads), a folder or a glob ('*.jpg');
+  # each is turned upright (EXIF), made RGB and stretched to 32x32 (bilinear,
+  # antialiased); files that are not images are skipped.
   config.predict.images = config_dict.placeholder(str)
   # Classes reported per image, best first (at most the number of classes).
   config.predict.top_k = 3
 
   # Several processes (hosts); every local device is used either way. Unset
-  # fields are detected by JAX in SLURM, Open MPI and Cloud TPU environments.
+  # fields are detected by JAX in SLURM, Open MPI and Cloud TPU.
   config.distributed = ml_collections.ConfigDict()
   config.distributed.initialize = False
   config.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port'
@@ -245,9 +243,9 @@ def defaults() -> ml_collections.ConfigDict:
   # Seconds without a heartbeat after which a process counts as dead and the
   # others stop with a one-line error (JAX's default).
   config.distributed.heartbeat_timeout = 100
-  # Every this many steps the processes agree, with one all-reduce, whether
-  # any of them got SIGTERM or SIGINT; then all save at the same step and
-  # stop. Unused in a single process, which checks its signals every step.
+  # Every this many steps the processes agree (one all-reduce) whether any
+  # got SIGTERM or SIGINT; then all save at the same step and stop. Unused in
+  # a single process, which checks its signals every step.
   config.distributed.stop_check_every_steps = 10
   return config
 
@@ -259,8 +257,7 @@ def paper(network: str = 'all_cnn_c') -> ml_collections.ConfigDict:
     network: one of `NETWORKS`, the text after ``configs/paper.py:``.
 
   Raises:
-    ValueError: for any other name, in one line that lists the allowed ones:
-      the binary prints that line after the flag and its value.
+    ValueError: for any other name, one line listing the allowed ones.
   """
   if network not in NETWORKS:
     raise ValueError(f"unknown network {network!r}; allowed: {', '.join(NETWORKS)}")
@@ -317,6 +314,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"unknown optimizer {config.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
   need(config.lr_schedule in SCHEDULES, 'lr_schedule',
        f"unknown schedule {config.lr_schedule!r}; allowed: {', '.join(SCHEDULES)}")
+  need(config.transfer.head_init in TRANSFER_HEADS, 'transfer.head_init', f"unknown "
+       f"head {config.transfer.head_init!r}; allowed: {', '.join(TRANSFER_HEADS)}")
   need(config.dtype in models.DTYPES, 'dtype',
        f"unknown dtype {config.dtype!r}; allowed: {', '.join(models.DTYPES)}")
   need(config.conv_impl in conv.IMPLS, 'conv_impl',

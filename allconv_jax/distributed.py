@@ -160,10 +160,10 @@ class _Watchdog(threading.Thread):
           # still runs after a grace period.
           if self.stopping.wait(_GRACE_SECONDS):
             return
-          status = counter[len(_FAILED):]
+          status, _, why = counter[len(_FAILED):].partition(':')
+          why = f': {why}' if why else ' (its own error line says why)'
           _lost(f'process {key[len(self.PREFIX):]} ended with exit status '
-                f'{status} (its own error line says why)',
-                2 if status == '2' else 1)
+                f'{status}{why}', 2 if status == '2' else 1, self)
         if seen.get(key, (None,))[0] != counter:
           seen[key] = (counter, now)
         elif now - seen[key][1] > self.timeout:
@@ -185,11 +185,12 @@ class _Watchdog(threading.Thread):
     failed = status not in (None, 0) and status <= 128
     try:
       self.client.key_value_set(
-          self.key, f'{_FAILED}{status}' if failed else _DONE,
+          self.key, f'{_FAILED}{status}:{_exit_line}' if failed else _DONE,
           allow_overwrite=True)
       if failed and jax.process_index() == 0:
-        # Longer than the others' grace, so that they end on their lines.
-        deadline = time.monotonic() + _GRACE_SECONDS + 2
+        # Longer than the others' grace, so that they end on their lines
+        # (they say when they have: see `run`), even on a busy machine.
+        deadline = time.monotonic() + _GRACE_SECONDS + 10
         while time.monotonic() < deadline and any(
             v != _DONE and not v.startswith(_FAILED)
             for _, v in self.client.key_value_dir_get(self.PREFIX)):
@@ -206,17 +207,43 @@ _DONE = 'done'
 _FAILED = 'failed:'
 _GRACE_SECONDS = 3
 _exit_status = None
+_exit_line = ''
 
 
-def exiting(status: int) -> None:
-  """Records the exit status this process is about to end with.
+def exiting(status: int, line: str = '') -> None:
+  """Records the exit status this process is about to end with, and its line.
 
   Other processes are told when it leaves: after an error they stop too
-  (they may be waiting for this one in a collective); after a success or an
-  agreed interruption (128 + signal) they go on.
+  (they may be waiting for this one in a collective), each with a line that
+  quotes this one's (a full disk that only process 0 writes to, say); after
+  a success or an agreed interruption (128 + signal) they go on.
   """
-  global _exit_status
+  global _exit_status, _exit_line
   _exit_status = status
+  _exit_line = line.removeprefix('error: ').splitlines()[0][:1000] if line else ''
+
+
+_watchdog = None
+_ending = threading.Lock()
+
+
+def end_now(line: str, status: int) -> None:
+  """Ends this process of a multi-process run at once, from any thread,
+  with `line`, telling the others (which then end with a line quoting it).
+
+  For an error met by a background thread while the main thread waits for
+  the other processes: a checkpoint write that failed on this process only
+  (a full disk) leaves orbax's threads on every process waiting at
+  barriers for up to 20 minutes. With a single process it does nothing: the
+  error reaches the main thread.
+  """
+  if _watchdog is None:
+    return
+  if not _ending.acquire(blocking=False):
+    threading.Event().wait()  # Another thread is ending the process.
+  print(line, file=sys.stderr, flush=True)
+  exiting(status, line)
+  _watchdog.leave()
 
 
 def failure_line(error: Exception) -> str | None:
@@ -232,18 +259,25 @@ def failure_line(error: Exception) -> str | None:
           'resume from the last checkpoint')
 
 
-def _lost(cause: str, status: int = 1) -> None:
+def _lost(cause: str, status: int = 1, watchdog=None) -> None:
   then = ('fix what it says and start every process again' if status == 2 else
           'restart every process with the same command to resume from the '
           'last checkpoint')
   print(f'error: distributed: {cause}; {then}', file=sys.stderr, flush=True)
+  if watchdog is not None:  # Process 0 waits for this before it ends.
+    try:
+      watchdog.client.key_value_set(watchdog.key, f'{_FAILED}{status}',
+                                    allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
   os._exit(status)  # pylint: disable=protected-access
 
 
 def _start_watchdog(timeout: int) -> None:
   # pylint: disable=g-import-not-at-top,protected-access
   from jax._src import distributed as jax_distributed
-  watchdog = _Watchdog(jax_distributed.global_state.client, timeout)
+  global _watchdog
+  watchdog = _watchdog = _Watchdog(jax_distributed.global_state.client, timeout)
   watchdog.start()
   # Registered after JAX's own shutdown (at its import), so run before it.
   atexit.register(watchdog.leave)

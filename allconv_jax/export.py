@@ -38,7 +38,7 @@ import jaxlib
 import ml_collections
 import numpy as np
 
-from allconv_jax import checkpoints, conv, datasets, files, models, trained
+from allconv_jax import checkpoints, conv, datasets, disk, files, models, trained
 from allconv_jax import config as config_lib
 from allconv_jax.errors import UserError
 from allconv_jax.input_pipeline import Preprocessor
@@ -190,6 +190,8 @@ def write_dir(out: str, contents: dict[str, bytes]) -> None:
         old = None
       raise
   except OSError as e:
+    if disk.fault(e):  # A full or read-only disk: one line of its own.
+      raise disk.Fault(out, e.errno) from None
     raise UserError(f'workdir: cannot write the export to {out} '
                     f'({e.strerror or type(e).__name__})') from None
   finally:

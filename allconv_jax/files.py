@@ -33,7 +33,7 @@ model_summary.txt, and:
   summary.json                 the same, once the population is complete
 
 Every file is written under a temporary name and renamed into place, so a
-crash never leaves half a file.
+crash or a full disk never leaves half a file (see `allconv_jax.disk`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import json
 import os
 from typing import Callable, Iterator
 
+from allconv_jax import disk
 from allconv_jax.errors import UserError
 
 CHECKPOINTS = 'checkpoints'
@@ -111,13 +112,19 @@ def lock(workdir: str) -> Iterator[None]:
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
   """Calls ``write(temporary path)``, then renames the file to `path`.
 
-  The temporary name keeps the extension, for writers that go by it.
+  The temporary name keeps the extension, for writers that go by it. A full
+  or read-only disk raises `disk.Fault` naming `path`; `path` is unchanged.
   """
   root, ext = os.path.splitext(path)
   tmp = f'{root}.tmp{ext}'
   try:
     write(tmp)
     os.replace(tmp, path)
+  except Exception as e:  # pylint: disable=broad-except
+    found = disk.fault(e)
+    if found is None:
+      raise
+    raise disk.Fault(path, found.code) from None  # The file, not its tmp.
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -138,3 +145,25 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, 'w') as f:
       f.write(text)
   atomic_write(path, write)
+
+
+def append(fd: int, data: bytes, path: str) -> None:
+  """Appends `data` to the file open as `fd`, all of it or none.
+
+  A write cut short (a full disk) is truncated away, so that a reader of the
+  file, TensorBoard's included, never meets half a record.
+
+  Raises:
+    disk.Fault: the disk is full or read-only, naming `path`.
+  """
+  end = os.lseek(fd, 0, os.SEEK_END)
+  view = memoryview(data)
+  try:
+    while view:
+      view = view[os.write(fd, view):]
+  except OSError as e:
+    os.ftruncate(fd, end)
+    found = disk.fault(e)
+    if found is None:
+      raise
+    raise disk.Fault(path, found.code) from None

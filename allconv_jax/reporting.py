@@ -6,6 +6,7 @@ None of them needs TensorFlow.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import socket
@@ -162,14 +163,21 @@ class TensorBoard:
     # pylint: enable=g-import-not-at-top
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
     name = f'events.out.tfevents.{time.time():.0f}.{socket.gethostname()}'
-    self._records = record_writer.RecordWriter(
-        open(os.path.join(logdir, name), 'wb'))  # pylint: disable=consider-using-with
+    self.path = os.path.join(logdir, name)
+    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # Records are framed in memory, then appended whole (`files.append`).
+    self._buffer = io.BytesIO()
+    self._records = record_writer.RecordWriter(self._buffer)
     self._write(self._event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event) -> None:
-    # Flushed at once: a killed run keeps every evaluation it logged.
+    # Written at once: a killed run keeps every evaluation it logged, and a
+    # full disk leaves the file as it was.
     self._records.write(event.SerializeToString())
-    self._records.flush()
+    data = self._buffer.getvalue()
+    self._buffer.seek(0)
+    self._buffer.truncate()
+    files.append(self._fd, data, self.path)
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
     values = [self._summary.Value(tag=k, simple_value=float(v))
@@ -178,7 +186,9 @@ class TensorBoard:
                             summary=self._summary(value=values)))
 
   def close(self) -> None:
-    self._records.close()
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
 
 
 def wants_bar() -> bool:

@@ -27,9 +27,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from allconv_jax import (checkpoints, config as config_lib, datasets, files,
-                         history, input_pipeline, models, optimizers, population,
-                         reporting, sharding, steps, stopping, trained, transfer)
+from allconv_jax import (checkpoints, config as config_lib, datasets, disk,
+                         files, history, input_pipeline, models, optimizers,
+                         population, reporting, sharding, steps, stopping,
+                         trained, transfer)
 from allconv_jax.errors import UserError
 
 
@@ -167,7 +168,8 @@ def initial_state(run: Setup) -> Start:
     reinit = transfer.patterns(config.transfer.reinit)
 
     def transferred(state):
-      params = transfer.merge(source.variables['params'], state.params, reinit)
+      params = transfer.start_head(transfer.merge(
+          source.variables['params'], state.params, reinit), reinit, config.transfer.head_init)
       batch_stats = transfer.merge(source.variables.get('batch_stats', {}),
                                    state.batch_stats, reinit)
       return start_ema(state.replace(params=params, batch_stats=batch_stats,
@@ -240,6 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = setup(config, workdir)
   is_writer = jax.process_index() == 0
   with files.lock(workdir) if is_writer else contextlib.nullcontext():
+    if is_writer:  # A save cut short (a full disk, a kill) left these.
+      disk.remove_partial_checkpoints(workdir)
     start = initial_state(run)
     splits = {name: (start.preprocessor(split.images), split.labels)
               for name, split in (('train', run.data.train),

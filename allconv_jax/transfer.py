@@ -2,10 +2,15 @@
 
 Every parameter (and batch-norm statistic) of the source network is copied
 into the new one, except the layers matching ``config.transfer.reinit``
-(default: the ``classifier``), which keep their fresh initialization — random
-kernel, zero bias — sized for the new classes. With
-``config.transfer.freeze`` the copied layers are frozen (feature-extractor
-mode); otherwise everything is fine-tuned.
+(default: the ``classifier``), which are sized for the new classes
+(`merge`). A re-initialized class layer starts at zero by default
+(``transfer.head_init='zeros'``, `start_head`), as big_vision's
+``head_zeroinit`` does: its logits are 0, so the network predicts the k new
+classes uniformly and its first loss is ln k whatever the copied features;
+``'fresh'`` keeps the kernel initializer's draw (and a zero bias), whose
+random logits on top of large copied features start the loss above ln k.
+With ``config.transfer.freeze`` the copied layers are frozen (a linear probe
+of the source's features); otherwise everything is fine-tuned.
 
 The source run is loaded by `allconv_jax.trained.load`; `merge` copies its
 weights. A source whose architecture does not fit (another network, missing
@@ -20,6 +25,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from allconv_jax import models
 from allconv_jax.errors import UserError
 
 FIELD = 'transfer.from_workdir'
@@ -74,6 +80,23 @@ def merge(loaded: Any, inited: Any, dont_load: list[str],
                       f'source checkpoint but {tuple(leaf.shape)} in this network')
     merged[path] = value.astype(leaf.dtype)
   return traverse_util.unflatten_dict(merged, sep='/')
+
+
+def start_head(params: Any, reinit: list[str], head_init: str) -> Any:
+  """`params` with the class layer zeroed if it is re-initialized.
+
+  With ``head_init='zeros'`` (big_vision's ``head_zeroinit``) the class
+  layer's kernel and bias are zero when `reinit` matches it; other
+  re-initialized layers keep their fresh values, since a layer behind a
+  zero one would get no gradient. ``'fresh'`` changes nothing.
+  """
+  if head_init == 'fresh':
+    return params
+  flat = traverse_util.flatten_dict(params, sep='/')
+  return traverse_util.unflatten_dict(
+      {path: (np.zeros_like(leaf) if path.split('/', 1)[0] == models.CLASSIFIER
+              and matches(path, reinit) else leaf)
+       for path, leaf in flat.items()}, sep='/')
 
 
 def freeze_mask(params: Any, reinit: list[str]) -> Any:

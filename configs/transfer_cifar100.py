@@ -1,8 +1,9 @@
 """Transfer from All-CNN-C trained on CIFAR-10 to a 10-class CIFAR-100 subset.
 
 The first reference's protocol: the best CIFAR-10 checkpoint is copied into a
-new network whose 1x1 classifier is re-initialized (random kernel, zero
-bias) for the new classes; everything is fine-tuned with SGD (momentum 0.9,
+new network whose 1x1 classifier is re-initialized for the new classes (at
+zero, `transfer.head_init`; the reference drew a random kernel with a zero
+bias, `--config.transfer.head_init=fresh`); everything is fine-tuned with SGD (momentum 0.9,
 weight decay 0.001) for 100 epochs at a constant learning rate from the sweep
 [0.0025, 0.001, 0.0005]. `dataset.classes` is `subset1` (vehicles, close to
 CIFAR-10's classes) or `subset2` (flowers, fruit and vegetables, far from

@@ -166,6 +166,36 @@ def train_run(config, workdir: str) -> dict:
   return load_run(workdir)
 
 
+def member_records(workdir: str, population_record: dict) -> list[dict]:
+  """The `load_run` record of each member of a finished population, diverged
+  if its loss ever became non-finite, with its ``learning_rate`` and ``seed``
+  (from its name) and ``workdir``; the population's wall time is shared
+  evenly. Needs only the members' metrics.csv and summary.json."""
+  members = os.path.join(workdir, 'members')
+  names = sorted(os.listdir(members)) if os.path.isdir(members) else []
+  records = []
+  for name in names:
+    rows = reporting.read_csv(os.path.join(members, name, 'metrics.csv'))
+    diverged_at = int(rows[-1]['diverged_step']) if rows else -1
+    summary_path = os.path.join(members, name, 'summary.json')
+    summary = read_json(summary_path) if os.path.exists(summary_path) else None
+    rate, seed = name.removeprefix('lr').rsplit('_seed', 1)  # population.Member.name
+    if population_record['status'] == 'diverged' or diverged_at >= 0:
+      step = (diverged_at if diverged_at >= 0
+              else population_record['diverged']['step'])
+      record = dict(status='diverged', summary=None, diverged=dict(
+          step=step, message=f'non-finite loss at step {step}'))
+    else:
+      record = dict(status='finished', diverged=None, summary=summary)
+    seconds = population_record['seconds']
+    records.append(dict(
+        record, rows=rows, learning_rate=float(rate), seed=int(seed),
+        workdir=os.path.relpath(
+            os.path.join(members, name), ROOT),
+        seconds=seconds and seconds / len(names)))
+  return records
+
+
 @contextlib.contextmanager
 def shared_preprocessing():
   """Within the block, each distinct preprocessing is fitted only once.

@@ -151,7 +151,8 @@ def tiny_run(tmp_path_factory, worker_id) -> TinyRun:
 # long module picked up last would run alone while the other worker idles.
 _LONGEST_FIRST = ('test_distributed.py', 'test_robustness.py', 'test_population.py',
                   'test_train.py', 'test_transfer.py', 'test_experiments.py',
-                  'test_conv.py', 'test_lsuv.py', 'test_notebook.py')
+                  'test_disk_faults.py', 'test_conv.py', 'test_lsuv.py',
+                  'test_notebook.py')
 
 
 def pytest_collection_modifyitems(items):

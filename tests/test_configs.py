@@ -200,6 +200,8 @@ def test_the_second_references_final_model(capsys):
 @pytest.mark.parametrize('field,value,message', [
     ('dataset.label', 'coarse', "dataset.label: 'coarse' is only for cifar100; allowed: fine"),
     ('lsuv.max_iters', -1, 'lsuv.max_iters: must be a non-negative integer, got -1'),
+    ('transfer.head_init', 'random',
+     "transfer.head_init: unknown head 'random'; allowed: zeros, fresh"),
 ])
 def test_validate_names_the_field(field, value, message):
   config = base.defaults()

@@ -127,36 +127,42 @@ def test_table3_selects_on_validation_skips_and_resumes(tmp_path):
 
 def test_transfer_study(tmp_path):
   out, runs = tmp_path / 'out', tmp_path / 'runs'
-  run_script('transfer_study.py', '--dataset=digits', '--epochs=1',
-             '--pretrain_epochs=1', '--subsets=subset2', '--seeds=0',
-             '--learning_rates=0.0025', f'--out={out}', f'--workdir_root={runs}')
-  assert (out / 'transfer_subset2.png').stat().st_size > 0
+  args = ['--dataset=digits', '--epochs=1', '--pretrain_epochs=1', '--seeds=0',
+          '--learning_rates=0.0025', f'--out={out}', f'--workdir_root={runs}']
+  run_script('transfer_study.py', *args)
+  assert (out / 'transfer_subset2_curves.png').stat().st_size > 0
+  assert (out / 'transfer_subset2_rates.png').stat().st_size > 0
   rows = table_rows((out / 'results.md').read_text())
-  assert [(r[0], r[1], r[2], r[3]) for r in rows[1:3]] == [
-      ('subset2', '0.0025', 'transfer', '1'),
-      ('subset2', '0.0025', 'scratch', '1')]
-  # The transfer run starts from the source pretrained on the other digits;
-  # the scratch run from nothing; both hold out the same validation images.
+  assert [tuple(r[:4]) for r in rows[1:4]] == [
+      ('subset2', arm, '0.0025', '1') for arm in ('scratch', 'finetune', 'probe')]
+  # Fine-tuning and the probe start from the source pretrained on the other
+  # digits, the classifier at zero, the probe frozen; scratch from nothing;
+  # all hold out the same validation images.
   seed = runs / 'seed0'
   source = json.loads((seed / 'pretrain_subset1' / 'config.json').read_text())
   assert source['dataset']['classes'] == 'subset1'
-  transfer = json.loads(
-      (seed / 'subset2_lr0.0025_transfer' / 'config.json').read_text())
-  scratch = json.loads(
-      (seed / 'subset2_lr0.0025_scratch' / 'config.json').read_text())
-  assert transfer['transfer']['from_workdir'] == str(seed / 'pretrain_subset1')
-  assert scratch['transfer']['from_workdir'] is None
-  assert transfer['optimizer'] == 'sgd' and transfer['learning_rate'] == 0.0025
-  assert transfer['dataset']['validation_size'] == 100 == (
-      scratch['dataset']['validation_size'])
+  configs = {arm: json.loads((seed / f'subset2_{arm}' / 'members' / 'lr0.0025_seed0' /
+                              'config.json').read_text())
+             for arm in ('scratch', 'finetune', 'probe')}
+  assert configs['scratch']['transfer']['from_workdir'] is None
+  for arm, frozen in (('finetune', False), ('probe', True)):
+    assert configs[arm]['transfer']['from_workdir'] == str(seed / 'pretrain_subset1')
+    assert configs[arm]['transfer']['head_init'] == 'zeros'
+    assert configs[arm]['transfer']['freeze'] == frozen
+  assert {c['optimizer'] for c in configs.values()} == {'sgd'}
+  assert {c['dataset']['validation_size'] for c in configs.values()} == {100}
   saved = json.loads((out / 'results.json').read_text())
-  assert [c['arm'] for c in saved['cells']] == ['transfer', 'scratch']
-  # The same command again trains nothing: every run is finished.
+  assert [(c['arm'], c['seeds']) for c in saved['arms']] == [
+      ('scratch', [0]), ('finetune', [0]), ('probe', [0])]
+  assert saved['sizes'] == dict(validation=100, test=224, classes=5)
+  # The same command again trains nothing: every run is finished; the
+  # report is redrawn from results.json alone.
   before = snapshot(seed)
-  run_script('transfer_study.py', '--dataset=digits', '--epochs=1',
-             '--pretrain_epochs=1', '--subsets=subset2', '--seeds=0',
-             '--learning_rates=0.0025', f'--out={out}', f'--workdir_root={runs}')
+  run_script('transfer_study.py', *args)
   assert snapshot(seed) == before
+  (out / 'results.md').unlink()
+  run_script('transfer_study.py', '--report_only', f'--out={out}')
+  assert table_rows((out / 'results.md').read_text()) == rows
 
 
 def test_batch_study(tmp_path):

@@ -1,5 +1,8 @@
 """Transfer learning: copy, re-initialize, freeze, and refuse what does not fit."""
 
+import csv
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -37,8 +40,10 @@ def _start(config, workdir):
   return train.initial_state(train.setup(config, workdir))
 
 
-def test_copies_everything_but_a_fresh_classifier(source, tmp_path):
-  start = _start(_config('5,6,7,8,9', **{'transfer.from_workdir': source}),
+@pytest.mark.parametrize('head_init', ['zeros', 'fresh'])
+def test_copies_everything_but_the_classifier(source, tmp_path, head_init):
+  start = _start(_config('5,6,7,8,9', **{'transfer.from_workdir': source,
+                                         'transfer.head_init': head_init}),
                  str(tmp_path / 'target'))
   params, stats = _source_params(source)
   for path, leaf in jax.tree_util.tree_flatten_with_path(start.state.params)[0]:
@@ -47,10 +52,9 @@ def test_copies_everything_but_a_fresh_classifier(source, tmp_path):
     for k in path:
       src = src[k.key]
     if name.startswith('classifier'):
-      if name.endswith('bias'):
-        assert np.all(np.asarray(leaf) == 0)
-      else:
-        assert not np.array_equal(np.asarray(leaf), np.asarray(src))
+      assert leaf.shape[-1] == 5  # The new classes.
+      zero = name.endswith('bias') or head_init == 'zeros'
+      assert np.all(np.asarray(leaf) == 0) == zero, name
     else:
       np.testing.assert_array_equal(np.asarray(leaf), np.asarray(src))
   np.testing.assert_array_equal(np.asarray(start.state.batch_stats['bn1']['mean']),
@@ -58,11 +62,18 @@ def test_copies_everything_but_a_fresh_classifier(source, tmp_path):
   assert not (tmp_path / 'target').exists()  # Finding the start writes nothing.
 
 
-def test_frozen_layers_do_not_change(source, tmp_path):
-  frozen = _config('5,6,7,8,9', num_epochs=1, **{
+def test_first_loss_is_uniform_and_frozen_layers_do_not_change(source, tmp_path):
+  # One step of a linear probe on digits 5-9, reported as its own row: the
+  # loss of the first batch, computed before the step, is that of a uniform
+  # prediction over the k = 5 new classes, the zero head's logits being 0
+  # (batch norm or not). With transfer.head_init='fresh' it was 2.145.
+  frozen = _config('5,6,7,8,9', num_train_steps=1, **{
       'transfer.from_workdir': source, 'transfer.freeze': True})
   target = str(tmp_path / 'frozen')
   train.train_and_evaluate(frozen, target)
+  with open(f'{target}/metrics.csv') as f:
+    first, = csv.DictReader(f)
+  assert float(first['train_loss']) == pytest.approx(math.log(5), abs=1e-6)
   params, _ = _source_params(source)
   after = _start(frozen, target).state.params  # Resumed from its checkpoint.
   for layer in after:
@@ -99,7 +110,8 @@ def test_transfer_starts_well_above_chance_and_scratch(paper_like_source, tmp_pa
   # after that epoch: transfer 62-69%, scratch 20-41% (at chance for seed 2,
   # which had not left it after 21 steps). With Caffe's padding (the
   # networks' now), seed 0, the one the test takes: transfer 56.7%, scratch
-  # 27.2%.
+  # 27.2%; with the classifier starting at zero (transfer.head_init, the
+  # default since), transfer 68.8%.
   protocol = dict(PAPER_LIKE, num_epochs=1, optimizer='sgd', momentum=0.9,
                   learning_rate=0.0025, lr_schedule='piecewise',
                   lr_boundaries=(), weight_decay=0.001)
