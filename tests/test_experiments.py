@@ -127,8 +127,8 @@ def test_table3_selects_on_validation_skips_and_resumes(tmp_path):
 
 def test_transfer_study(tmp_path):
   out, runs = tmp_path / 'out', tmp_path / 'runs'
-  args = ['--dataset=digits', '--epochs=1', '--pretrain_epochs=1', '--seeds=0',
-          '--learning_rates=0.0025', f'--out={out}', f'--workdir_root={runs}']
+  args = ['--dataset=digits', '--width=0.125', '--epochs=1', '--pretrain_epochs=1',
+          '--seeds=0', '--learning_rates=0.0025', f'--out={out}', f'--workdir_root={runs}']
   run_script('transfer_study.py', *args)
   assert (out / 'transfer_subset2_curves.png').stat().st_size > 0
   assert (out / 'transfer_subset2_rates.png').stat().st_size > 0

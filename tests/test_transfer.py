@@ -95,10 +95,11 @@ PAPER_LIKE = {'width': 0.5, 'batch_norm': False, 'dataset.validation_size': 0}
 
 @pytest.fixture(scope='module')
 def paper_like_source(tmp_path_factory):
-  """Half-width, no batch norm, trained on digits 0-4 to about 99.6%."""
+  """Half-width, no batch norm, trained on digits 0-4 for 6 epochs (over 95%
+  test accuracy; 4 epochs reached 92.9%)."""
   workdir = str(tmp_path_factory.mktemp('paper_like_source'))
   summary = train.train_and_evaluate(
-      _config('0,1,2,3,4', num_epochs=8, **PAPER_LIKE), workdir)
+      _config('0,1,2,3,4', num_epochs=6, **PAPER_LIKE), workdir)
   assert summary['selected_test_accuracy'] > 0.95
   return workdir
 
@@ -111,7 +112,8 @@ def test_transfer_starts_well_above_chance_and_scratch(paper_like_source, tmp_pa
   # which had not left it after 21 steps). With Caffe's padding (the
   # networks' now), seed 0, the one the test takes: transfer 56.7%, scratch
   # 27.2%; with the classifier starting at zero (transfer.head_init, the
-  # default since), transfer 68.8%.
+  # default since), transfer 68.8%, and from a source of 6 epochs instead of
+  # 8 (the suite's time), 75.4%.
   protocol = dict(PAPER_LIKE, num_epochs=1, optimizer='sgd', momentum=0.9,
                   learning_rate=0.0025, lr_schedule='piecewise',
                   lr_boundaries=(), weight_decay=0.001)
