@@ -14,17 +14,12 @@ test split. Runs that diverged (a non-finite loss) or never left chance
 a diverged run counts as chance accuracy in the means of its rate.
 
 Each network's runs, every (rate, seed), train together as one population
-(``config.sweep``; see allconv_jax/population.py): one program, one compile,
-in ``<runs_dir>/<network>/`` (default ``<out>/runs``), each run a member in
-``<network>/members/lr<rate>_seed<seed>/``. A member whose loss becomes
-non-finite is frozen while the others go on, and counted as diverged. A
-network is finished when its population holds ``summary.json`` (written when
-training completes) or ``diverged.json`` (written here if all its members
-diverged); the same command skips finished networks and resumes interrupted
-ones from their latest checkpoint. Writes to `--out`: ``results.md``,
-``table3.png`` (mean validation accuracy per epoch, one panel per network,
-one curve per rate), ``results.json`` (every run's summary and metrics rows,
-and the selection) and a ``.gitignore`` that keeps only the small files.
+(``config.sweep``) in ``<runs_dir>/<network>/``, each run a member in
+``members/lr<rate>_seed<seed>/``; a member whose loss becomes non-finite is
+frozen and counted as diverged. The same command skips finished networks and
+resumes interrupted ones. Writes to `--out`: ``results.md``, ``table3.png``
+(mean validation accuracy per epoch, per network and rate), ``results.json``
+(every run's summary, rows and the selection) and a ``.gitignore``.
 
 CIFAR-10, the paper's protocol (350 epochs per run, 5,000 validation images,
 144 runs in 12 populations; not run here, it needs GPUs):
@@ -39,7 +34,6 @@ are held out):
   python experiments/table3.py --dataset=digits --width=0.25 --epochs=10
 """
 
-import json
 import math
 import os
 import sys
@@ -65,17 +59,14 @@ _PREFIX = {'model': 'Model ', 'strided_cnn': 'Strided-CNN-',
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('dataset', 'digits', list(VALIDATION_SIZE),
                   'cifar10 (needs --archive or tfds data) or digits.')
-flags.DEFINE_string('archive', None,
-                    'Local copy of the official cifar-10-binary.tar.gz.')
+flags.DEFINE_string('archive', None, 'Local copy of the official cifar-10-binary.tar.gz.')
 flags.DEFINE_string('data_dir', None, 'tensorflow-datasets data directory.')
 flags.DEFINE_list('networks', list(models.NAMES), 'Networks to train.')
-flags.DEFINE_list('learning_rates',
-                  [f'{lr:g}' for lr in config_lib.PAPER_LEARNING_RATES],
+flags.DEFINE_list('learning_rates', [f'{lr:g}' for lr in config_lib.PAPER_LEARNING_RATES],
                   'The learning-rate grid.')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of every (network, rate).')
 flags.DEFINE_float('width', 1.0, 'Multiplier on the 96/192 channels.')
-flags.DEFINE_integer('epochs', None, "Epochs per run (default: the paper's "
-                     '350).')
+flags.DEFINE_integer('epochs', None, "Epochs per run (default: the paper's 350).")
 flags.DEFINE_integer('validation_size', None, 'Training images held out to '
                      'choose the rate on (default, or 0: 5000 on cifar10, '
                      '300 on digits).')
@@ -84,10 +75,8 @@ flags.DEFINE_string('classes', '', 'Train on these classes only (a '
 flags.DEFINE_float('chance_margin', 0.05, 'A finished run whose final '
                    'validation accuracy is at most 1/classes + this never '
                    'left chance.')
-flags.DEFINE_string('runs_dir', None, 'Where the runs go (default: '
-                    '<out>/runs).')
-flags.DEFINE_bool('report_only', False, 'Train nothing: report the finished '
-                  'runs.')
+flags.DEFINE_string('runs_dir', None, 'Where the runs go (default: <out>/runs).')
+flags.DEFINE_bool('report_only', False, 'Train nothing: report the finished runs.')
 flags.DEFINE_bool('prune', False, 'Delete the checkpoints and the fitted '
                   'preprocessing of each finished run (they only serve to '
                   'resume or re-evaluate it).')
@@ -131,35 +120,6 @@ def make_config(network: str, rates: list[float], seeds: list[int]):
   return config
 
 
-def member_records(workdir: str, population_record: dict) -> list[dict]:
-  """The record of each member of a finished population (see
-  `common.load_run`), diverged if its loss ever became non-finite."""
-  members = os.path.join(workdir, 'members')
-  records = []
-  for name in sorted(os.listdir(members)):
-    rows = reporting.read_csv(os.path.join(members, name, 'metrics.csv'))
-    diverged_at = int(rows[-1]['diverged_step']) if rows else -1
-    summary_path = os.path.join(members, name, 'summary.json')
-    summary = (common.read_json(summary_path) if os.path.exists(summary_path)
-               else None)
-    with open(os.path.join(members, name, 'config.json')) as f:
-      member = json.load(f)
-    if population_record['status'] == 'diverged' or diverged_at >= 0:
-      step = diverged_at if diverged_at >= 0 else population_record['diverged']['step']
-      record = dict(status='diverged', summary=None, diverged=dict(
-          step=step, message=f'non-finite loss at step {step}'))
-    else:
-      record = dict(status='finished', diverged=None, summary=summary)
-    # The population's wall time, shared evenly by its members.
-    seconds = population_record['seconds']
-    records.append(dict(
-        record, rows=rows, learning_rate=member['learning_rate'],
-        seed=member['seed'], workdir=os.path.relpath(
-            os.path.join(members, name), common.ROOT),
-        seconds=seconds and seconds / len(os.listdir(members))))
-  return records
-
-
 def sweep(networks: list[str], rates: list[float], seeds: list[int],
           root: str) -> list[dict]:
   """Trains every network's population not finished yet; returns the
@@ -188,7 +148,7 @@ def sweep(networks: list[str], rates: list[float], seeds: list[int],
           make_config(network, rates, seeds), workdir)
       spent.append(time.time() - begin)
       eta = sum(spent) / len(spent) * (len(todo) - index)
-      members = member_records(workdir, record)
+      members = common.member_records(workdir, record)
       if FLAGS.prune:
         for path in [workdir, *(m['workdir'] for m in members)]:
           common.prune(os.path.join(common.ROOT, path))
@@ -204,7 +164,7 @@ def sweep(networks: list[str], rates: list[float], seeds: list[int],
             f'{reporting.duration(eta)}', flush=True)
   return [dict(member, network=network)
           for network in networks if finished[network] is not None
-          for member in member_records(os.path.join(root, network),
+          for member in common.member_records(os.path.join(root, network),
                                        finished[network])]
 
 
