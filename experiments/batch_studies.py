@@ -239,10 +239,9 @@ def main(argv):
   try:
     config_lib.validate(make_config(variants[0]))
     data = datasets.load(make_config(variants[0]).dataset)
-    with common.shared_preprocessing():  # ZCA: fitted once, not per seed.
-      for variant in variants:
-        for seed in seeds:
-          runs.append(run_one(variant, seed, root))
+    for variant in variants:
+      for seed in seeds:
+        runs.append(run_one(variant, seed, root))
   except UserError as e:  # E.g. CIFAR-10 with neither archive nor network.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

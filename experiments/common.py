@@ -8,9 +8,7 @@ layout of ``results.md``. A study runs as ``python experiments/<study>.py``
 package installed (``pip install -e .``).
 """
 
-import contextlib
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -31,8 +29,8 @@ matplotlib.use('Agg')  # Headless.
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 
-from allconv_jax import (config as config_lib, files, input_pipeline, models,
-                         reporting, stopping, train)
+from allconv_jax import (config as config_lib, files, models, reporting,
+                         stopping, train)
 from allconv_jax.errors import UserError
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -194,34 +192,6 @@ def member_records(workdir: str, population_record: dict) -> list[dict]:
             os.path.join(members, name), ROOT),
         seconds=seconds and seconds / len(names)))
   return records
-
-
-@contextlib.contextmanager
-def shared_preprocessing():
-  """Within the block, each distinct preprocessing is fitted only once.
-
-  The runs of a sweep fit GCN + ZCA on the same training images (the
-  validation split does not depend on the seed), and the eigendecomposition
-  of a 3072 x 3072 covariance took 15-70 s on the 2 shared CPU cores, longer
-  than a digits run. The fit is a pure function of the images and its
-  settings, so its result is reused.
-  """
-  original = input_pipeline.Preprocessor.__dict__['fit']
-  fit = input_pipeline.Preprocessor.fit
-  cache = {}
-
-  def cached(images, *args, **kwargs):
-    key = (hashlib.sha1(np.ascontiguousarray(images)).hexdigest(),
-           images.shape, args, tuple(sorted(kwargs.items())))
-    if key not in cache:
-      cache[key] = fit(images, *args, **kwargs)
-    return cache[key]
-
-  input_pipeline.Preprocessor.fit = cached
-  try:
-    yield
-  finally:
-    input_pipeline.Preprocessor.fit = original
 
 
 def enable_compilation_cache(path: str | None) -> None:

@@ -137,35 +137,34 @@ def sweep(networks: list[str], rates: list[float], seeds: list[int],
   if FLAGS.report_only:
     todo = []
   spent = []
-  with common.shared_preprocessing():
-    for index, network in enumerate(todo, 1):
-      workdir = os.path.join(root, network)
-      verb = 'resume' if os.path.isdir(os.path.join(workdir, 'members')) else 'start'
-      print(f'[{index}/{len(todo)}] {verb} {network}: {runs} runs as one program',
-            flush=True)
-      begin = time.time()
-      finished[network] = record = common.train_run(
-          make_config(network, rates, seeds), workdir)
-      spent.append(time.time() - begin)
-      eta = sum(spent) / len(spent) * (len(todo) - index)
-      members = common.member_records(workdir, record)
-      if FLAGS.prune:
-        for path in [workdir, *(m['workdir'] for m in members)]:
-          common.prune(os.path.join(common.ROOT, path))
-      diverged = sum(m['status'] == 'diverged' for m in members)
-      best = max((m for m in members if m['summary']), default=None,
-                 key=lambda m: m['summary']['final_validation_accuracy'] or 0)
-      outcome = (f"best final validation "
-                 f"{100 * best['summary']['final_validation_accuracy']:.1f}% "
-                 f"(lr {best['learning_rate']:g} seed {best['seed']})"
-                 if best else 'no member finished')
-      print(f'[{index}/{len(todo)}] done {network} in {spent[-1]:.0f} s: '
-            f'{outcome}, {diverged} diverged; sweep ETA '
-            f'{reporting.duration(eta)}', flush=True)
+  for index, network in enumerate(todo, 1):
+    workdir = os.path.join(root, network)
+    verb = 'resume' if os.path.isdir(os.path.join(workdir, 'members')) else 'start'
+    print(f'[{index}/{len(todo)}] {verb} {network}: {runs} runs as one program',
+          flush=True)
+    begin = time.time()
+    finished[network] = record = common.train_run(
+        make_config(network, rates, seeds), workdir)
+    spent.append(time.time() - begin)
+    eta = sum(spent) / len(spent) * (len(todo) - index)
+    members = common.member_records(workdir, record)
+    if FLAGS.prune:
+      for path in [workdir, *(m['workdir'] for m in members)]:
+        common.prune(os.path.join(common.ROOT, path))
+    diverged = sum(m['status'] == 'diverged' for m in members)
+    best = max((m for m in members if m['summary']), default=None,
+               key=lambda m: m['summary']['final_validation_accuracy'] or 0)
+    outcome = (f"best final validation "
+               f"{100 * best['summary']['final_validation_accuracy']:.1f}% "
+               f"(lr {best['learning_rate']:g} seed {best['seed']})"
+               if best else 'no member finished')
+    print(f'[{index}/{len(todo)}] done {network} in {spent[-1]:.0f} s: '
+          f'{outcome}, {diverged} diverged; sweep ETA '
+          f'{reporting.duration(eta)}', flush=True)
   return [dict(member, network=network)
           for network in networks if finished[network] is not None
           for member in common.member_records(os.path.join(root, network),
-                                       finished[network])]
+                                              finished[network])]
 
 
 def final_accuracies(run: dict, chance: float) -> tuple[float, float]:

@@ -185,3 +185,18 @@ def test_without_preprocessing_pixels_are_scaled_to_unit_range():
   pre = input_pipeline.Preprocessor.fit(images, standardize=False, gcn_zca=False)
   np.testing.assert_array_equal(pre(images).ravel(),
                                 np.repeat(np.float32([0, 0.2, 1]), 3))
+
+
+def test_a_fit_is_reused_for_the_same_images_and_settings():
+  # A sweep's runs in one process fit the same transform once (the ZCA of
+  # CIFAR took 15-70 s); other images or settings get a fit of their own.
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (40, 4, 4, 3), np.uint8)
+  fit = lambda x, **kw: input_pipeline.Preprocessor.fit(x, gcn_zca=True, **kw)
+  first = fit(images)
+  assert fit(images.copy()) is first
+  other = images.copy()
+  other[0, 0, 0, 0] ^= 1
+  assert fit(other) is not first
+  assert fit(images, zca_filter_bias=0.2) is not fit(images)
+  assert not np.array_equal(fit(images, zca_filter_bias=0.2).zca, first.zca)
