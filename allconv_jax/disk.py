@@ -33,6 +33,7 @@ from allconv_jax.errors import UserError
 FULL = {errno.ENOSPC: 'the disk is full', errno.EDQUOT: 'the disk quota is used up',
         errno.EFBIG: 'the file size limit (ulimit -f) is reached'}
 READ_ONLY = {errno.EROFS: 'the file system is read-only'}
+_WHY = {**FULL, **READ_ONLY}
 # How TensorStore (orbax's writer) reports an errno, and the file it names.
 _TS_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]")
 _TS_PATH = re.compile(r'"(/[^"]+)"')
@@ -47,7 +48,7 @@ class Fault(Exception):
 
   @property
   def why(self) -> str:
-    return {**FULL, **READ_ONLY}[self.code]
+    return _WHY[self.code]
 
 
 def fault(error: BaseException | None) -> Fault | None:
@@ -69,11 +70,11 @@ def fault(error: BaseException | None) -> Fault | None:
 
 
 def _one(error: BaseException) -> Fault | None:
-  if isinstance(error, OSError) and error.errno in {**FULL, **READ_ONLY}:
+  if isinstance(error, OSError) and error.errno in _WHY:
     return Fault(os.fsdecode(error.filename or error.filename2 or ''), error.errno)
   text = str(error)
   code = _TS_ERRNO.search(text)
-  if code and int(code.group(1)) in {**FULL, **READ_ONLY}:
+  if code and int(code.group(1)) in _WHY:
     paths = _TS_PATH.findall(text)
     return Fault(paths[-1] if paths else '', int(code.group(1)))
   return None
@@ -83,8 +84,9 @@ def in_log(record) -> Fault | None:
   """The disk fault a log record reports, or None (orbax logs each failed
   thread's traceback before the error reaches the run; those are left to
   the run's one line)."""
-  if record.exc_info and fault(record.exc_info[1]) is not None:
-    return fault(record.exc_info[1])
+  found = fault(record.exc_info[1]) if record.exc_info else None
+  if found is not None:
+    return found
   try:
     return _one(Exception(record.getMessage()))
   except Exception:  # pylint: disable=broad-except
