@@ -8,7 +8,7 @@ Layout under ``<workdir>/checkpoints``::
 
 The selected checkpoint of a workdir, the one evaluation, visualization and
 transfer use, is the best one, or the newest one for a run without a
-validation split (`selected_dir`); test accuracy never selects.
+validation split (`selection.checkpoint_dir`); test accuracy never selects.
 
 ``state`` is the train state as a plain nested dict of arrays
 (`flax.serialization.to_state_dict`), ``meta`` a JSON object with the
@@ -105,17 +105,6 @@ class Checkpoints:
     if self._latest is not None:
       self._latest.close()
       self._best.close()
-
-
-def selected_dir(workdir: str) -> str:
-  """The checkpoint directory of a workdir's selected checkpoint.
-
-  ``checkpoints/best`` when it holds a checkpoint (the run had a validation
-  split), else ``checkpoints/latest``, whose newest step is the final one.
-  """
-  root = os.path.join(os.path.abspath(workdir), files.CHECKPOINTS)
-  best = os.path.join(root, 'best')
-  return best if latest_step(best) is not None else os.path.join(root, 'latest')
 
 
 def latest_step(directory: str) -> int | None:

@@ -1,12 +1,14 @@
-"""Experiment configs: every field with its default, the paper's protocol,
-loading a config file, and the one check of a config.
+"""Experiment configs: every field with its default, loading a config file,
+and the one check of a config.
 
 The files in the repository's ``configs/`` directory are experiments: each a
-``get_config()`` that starts from `defaults` (or `paper`) and changes a few
-fields. They import only this module, so that they load by path from any
-directory (``--config=/path/to/configs/paper.py:model_a``). Every entry point
-calls `validate` before anything else, so a mistake is one line naming the
-field and what is allowed, before any data is loaded or file written.
+``get_config()`` that starts from `defaults` (or from ``configs/paper.py``,
+the paper's protocol beside its tables) and changes a few fields. They
+import only this module (and load each other by path, `load`), so that they
+load from any directory (``--config=/path/to/configs/paper.py:model_a``).
+Every entry point calls `validate` before anything else, so a mistake is one
+line naming the field and what is allowed, before any data is loaded or file
+written.
 """
 
 import importlib.util
@@ -23,32 +25,28 @@ SCHEDULES = ('piecewise', 'onecycle')
 TRANSFER_HEADS = ('zeros', 'fresh')  # transfer.head_init
 
 
-# The paper's Table 3: CIFAR-10 test error in percent without augmentation,
-# per network, in the order of `allconv_jax.models.NAMES`.
-PAPER_TEST_ERROR = {
-    'model_a': 12.47, 'model_b': 10.20, 'model_c': 9.74,
-    'strided_cnn_a': 13.46, 'strided_cnn_b': 10.98, 'strided_cnn_c': 10.19,
-    'convpool_cnn_a': 10.21, 'convpool_cnn_b': 9.33, 'convpool_cnn_c': 9.31,
-    'all_cnn_a': 10.30, 'all_cnn_b': 9.10, 'all_cnn_c': 9.08,
-}
-
-# The grid the paper chose each network's learning rate from.
-PAPER_LEARNING_RATES = (0.25, 0.1, 0.05, 0.01)
-
-# The twelve networks, in the order of `allconv_jax.models.NAMES` (not
-# imported from there: loading a config should not start JAX;
-# tests/test_configs.py checks they agree).
-NETWORKS = tuple(PAPER_TEST_ERROR)
-
-
 def defaults() -> ml_collections.ConfigDict:
   """Every field of an experiment config, documented, with its default.
 
   All-CNN-C on CIFAR-10 with the paper's optimizer and the usual modern
   input pipeline (per-channel standardization, random translations and
-  flips); `paper` changes it to the paper's protocol.
+  flips); ``configs/paper.py`` changes it to the paper's protocol.
   """
   config = ml_collections.ConfigDict()
+  # Each group of fields is set, and documented, by its function below.
+  _network(config)
+  _data(config)
+  _training(config)
+  _population(config)
+  _checkpoints(config)
+  _transfer(config)
+  _modes(config)
+  _hosts(config)
+  return config
+
+
+def _network(config: ml_collections.ConfigDict) -> None:
+  """The network, its compute and its initialization (LSUV included)."""
 
   config.model = 'all_cnn_c'  # One of allconv_jax.models.NAMES.
   # Classes of the class layer; None takes it from the data.
@@ -86,6 +84,9 @@ def defaults() -> ml_collections.ConfigDict:
   config.lsuv.max_iters = 10
   config.lsuv.measure = 'pre_activation'
 
+
+def _data(config: ml_collections.ConfigDict) -> None:
+  """The dataset, its preprocessing and the augmentation."""
   config.dataset = ml_collections.ConfigDict()
   # cifar10, cifar100 or digits (scikit-learn's 8x8 digits, offline).
   config.dataset.name = 'cifar10'
@@ -131,6 +132,10 @@ def defaults() -> ml_collections.ConfigDict:
   # Random horizontal flip.
   config.augment.flip = True
 
+
+def _training(config: ml_collections.ConfigDict) -> None:
+  """Optimization (the paper's protocol), the options the paper does not
+  use, and the seed."""
   # Optimization: the paper's protocol.
   config.batch_size = 128
   config.eval_batch_size = 500
@@ -177,6 +182,9 @@ def defaults() -> ml_collections.ConfigDict:
 
   config.seed = 0  # Of initialization, batch order, augmentation and dropout.
 
+
+def _population(config: ml_collections.ConfigDict) -> None:
+  """A population: the sweep over seeds and learning rates."""
   # A population (see allconv_jax/population.py): every learning rate times
   # every seed trained together as one program, each member a run of its own
   # in <workdir>/members/<name>/. Empty: the run's learning_rate (or seed).
@@ -187,6 +195,9 @@ def defaults() -> ml_collections.ConfigDict:
   # them. 0: all on an accelerator, 1 on a CPU (one member's step fills it).
   config.sweep.members_at_once = 0
 
+
+def _checkpoints(config: ml_collections.ConfigDict) -> None:
+  """Checkpoints, and what a diverged run does."""
   # Checkpoints: every epoch, and every this many steps too (0: epochs only).
   config.checkpoint_every_steps = 0
   # How many of the latest checkpoints to keep (the best by validation
@@ -195,6 +206,9 @@ def defaults() -> ml_collections.ConfigDict:
   # Stop at the first non-finite loss, keeping the last good checkpoint.
   config.halt_on_nan = True
 
+
+def _transfer(config: ml_collections.ConfigDict) -> None:
+  """Fine-tuning from another run (``transfer.from_workdir``)."""
   # Transfer learning (allconv_jax/transfer.py): from another run's workdir.
   config.transfer = ml_collections.ConfigDict()
   config.transfer.from_workdir = config_dict.placeholder(str)
@@ -207,6 +221,9 @@ def defaults() -> ml_collections.ConfigDict:
   # initializer's draw, zero bias); other re-initialized layers start fresh.
   config.transfer.head_init = 'zeros'
 
+
+def _modes(config: ml_collections.ConfigDict) -> None:
+  """The fields of ``--mode=visualize`` and ``--mode=predict``."""
   # --mode=visualize (allconv_jax/visualize.py): guided backpropagation,
   # deconvnet and saliency maps into <workdir>/visualizations/<layer>.png.
   config.visualize = ml_collections.ConfigDict()
@@ -231,6 +248,9 @@ def defaults() -> ml_collections.ConfigDict:
   # Classes reported per image, best first (at most the number of classes).
   config.predict.top_k = 3
 
+
+def _hosts(config: ml_collections.ConfigDict) -> None:
+  """Several processes (``--config.distributed.*``)."""
   # Several processes (hosts); every local device is used either way. Unset
   # fields are detected by JAX in SLURM, Open MPI and Cloud TPU.
   config.distributed = ml_collections.ConfigDict()
@@ -247,30 +267,6 @@ def defaults() -> ml_collections.ConfigDict:
   # got SIGTERM or SIGINT; then all save at the same step and stop. Unused in
   # a single process, which checks its signals every step.
   config.distributed.stop_check_every_steps = 10
-  return config
-
-
-def paper(network: str = 'all_cnn_c') -> ml_collections.ConfigDict:
-  """The paper's CIFAR-10 protocol for `network` (see ``configs/paper.py``).
-
-  Args:
-    network: one of `NETWORKS`, the text after ``configs/paper.py:``.
-
-  Raises:
-    ValueError: for any other name, one line listing the allowed ones.
-  """
-  if network not in NETWORKS:
-    raise ValueError(f"unknown network {network!r}; allowed: {', '.join(NETWORKS)}")
-  config = defaults()
-  config.model = network
-  config.dataset.name = 'cifar10'
-  config.preprocess.standardize = False
-  config.preprocess.gcn_zca = True
-  config.augment.translate = 0.0
-  config.augment.flip = False
-  # The optimizer, schedule, batch size, epochs, dropout and validation size
-  # of `defaults` are the protocol's already.
-  return config
 
 
 def load_module(path: str):

@@ -38,7 +38,7 @@ import jaxlib
 import ml_collections
 import numpy as np
 
-from allconv_jax import checkpoints, conv, datasets, disk, files, models, trained
+from allconv_jax import conv, datasets, disk, files, models, selection, trained
 from allconv_jax import config as config_lib
 from allconv_jax.errors import UserError
 from allconv_jax.input_pipeline import Preprocessor
@@ -73,7 +73,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exported = jax.export.export(jax.jit(probabilities_fn(run)),
                                platforms=PLATFORMS)(spec)
   info = describe(run, names, exported, os.path.relpath(
-      checkpoints.selected_dir(workdir), workdir))
+      selection.checkpoint_dir(workdir), workdir))
   write_dir(out, {files.EXPORT_MODEL: bytes(exported.serialize()),
                   files.EXPORT_INFO: (json.dumps(info, indent=2) + '\n').encode()})
   return dict(export=out, step=run.step, class_names=list(names),

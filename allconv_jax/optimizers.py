@@ -12,34 +12,38 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return config.num_train_steps or config.num_epochs * steps_per_epoch
 
 
-def make_optimizer(config, steps_per_epoch: int, rate_in_state: bool = False):
-  """The optax optimizer and its learning-rate schedule.
-
-  Weight decay is an L2 term added to the gradient (as in the paper and
-  PyTorch's SGD), before momentum. With `rate_in_state` (a population's),
-  the learning rate is a hyperparameter in the optimizer state
-  (`optax.inject_hyperparams`) that the schedule, returned as a factor,
-  scales: each member of a population can have its own.
-  """
-  peak = 1.0 if rate_in_state else config.learning_rate
+def make_schedule(config, steps_per_epoch: int, peak: float) -> optax.Schedule:
+  """The learning rate by step, starting at `peak`."""
   if config.lr_schedule == 'onecycle':
-    schedule = optax.cosine_onecycle_schedule(
-        total_steps(config, steps_per_epoch), peak)
-  else:
-    schedule = optax.piecewise_constant_schedule(
-        peak, {int(b * steps_per_epoch): config.lr_decay for b in config.lr_boundaries})
+    return optax.cosine_onecycle_schedule(total_steps(config, steps_per_epoch), peak)
+  return optax.piecewise_constant_schedule(
+      peak, {int(b * steps_per_epoch): config.lr_decay for b in config.lr_boundaries})
 
-  def optimizer(learning_rate):
+
+def optimizer(config):
+  """The optimizer of ``config.optimizer``, a function of the learning rate
+  (a number or a schedule), without weight decay."""
+  def make(learning_rate):
     if config.optimizer == 'sgd':
       return optax.sgd(learning_rate, momentum=config.momentum or None,
                        nesterov=config.nesterov)
     if config.optimizer == 'adam':
       return optax.adam(learning_rate)
     return optax.rmsprop(learning_rate, momentum=config.momentum)
+  return make
 
-  if rate_in_state:
-    opt = optax.chain(optax.inject_hyperparams(optimizer)(config.learning_rate),
-                      optax.scale_by_schedule(schedule))
-  else:
-    opt = optimizer(schedule)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay), opt), schedule
+
+def with_weight_decay(config, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` after an L2 term on the gradient (as in the paper and PyTorch's
+  SGD), before momentum."""
+  return optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+
+
+def make_optimizer(config, steps_per_epoch: int):
+  """The optax optimizer of a run and its learning-rate schedule.
+
+  A population's members each have their own rate: see
+  `population.Population.optimizer`.
+  """
+  schedule = make_schedule(config, steps_per_epoch, config.learning_rate)
+  return with_weight_decay(config, optimizer(config)(schedule)), schedule

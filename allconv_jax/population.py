@@ -2,8 +2,9 @@
 network, trained together as one program.
 
 The members are ``config.sweep.learning_rates`` times ``config.sweep.seeds``
-(`members`). Their train states are stacked along a leading axis
-(`Population`) and the train step of `allconv_jax.steps` is `jax.vmap`ped
+(`members`), trained as the `Population` the loop is given (see
+`allconv_jax.kind`). Their train states are stacked along a leading axis
+(`Stacked`) and the train step of `allconv_jax.steps` is `jax.vmap`ped
 over them (`make_train_steps`): each member has its own seed (initialization,
 batch order, augmentation, dropout) and its own learning rate, which lives in
 the optimizer state (`optax.inject_hyperparams`) while the schedule scales
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import flax
@@ -35,8 +37,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from allconv_jax import (checkpoints, files, history, input_pipeline, reporting,
-                         sharding, steps)
+from allconv_jax import (checkpoints, files, history, input_pipeline, optimizers,
+                         reporting, sharding, steps, writers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,34 @@ def member_dir(workdir: str, member: Member) -> str:
   return os.path.join(workdir, files.MEMBERS, member.name)
 
 
-class Population(flax.struct.PyTreeNode):
+def member_summaries(workdir: str) -> list[dict]:
+  """Each member of the population in `workdir`, as its files record it.
+
+  Returns:
+    One dict per member, in name order: ``name``, ``seed``,
+    ``learning_rate``, ``workdir``, ``rows`` (its metrics), ``diverged_step``
+    (-1 if its loss stayed finite) and ``summary`` (None until the
+    population finished).
+  """
+  root = os.path.join(workdir, files.MEMBERS)
+  out = []
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    path = lambda f, name=name: os.path.join(root, name, f)
+    with open(path(files.CONFIG)) as f:
+      config = json.load(f)
+    rows = reporting.read_csv(path(files.METRICS))
+    summary = None
+    if os.path.exists(path(files.SUMMARY)):
+      with open(path(files.SUMMARY)) as f:
+        summary = json.load(f)
+    out.append(dict(name=name, seed=config['seed'],
+                    learning_rate=config['learning_rate'],
+                    workdir=os.path.join(root, name), rows=rows, summary=summary,
+                    diverged_step=int(rows[-1]['diverged_step']) if rows else -1))
+  return out
+
+
+class Stacked(flax.struct.PyTreeNode):
   """The members' train states, stacked along a leading axis.
 
   `diverged_at` is each member's first step with a non-finite loss, or -1.
@@ -92,15 +121,15 @@ class Population(flax.struct.PyTreeNode):
 
 
 def stack(states: list[steps.TrainState], population: list[Member],
-          mesh) -> Population:
+          mesh) -> Stacked:
   """The population of `states`, each member's learning rate set in its
-  optimizer state (built by `optimizers.make_optimizer` with ``rate_in_state``)."""
+  optimizer state (built by `Population.optimizer`)."""
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def build(states, rates):
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
     opt_state = optax.tree_utils.tree_set(stacked.opt_state, learning_rate=rates)
-    return Population(stacked.replace(opt_state=opt_state),
-                      jnp.full(len(states), -1, jnp.int32))
+    return Stacked(stacked.replace(opt_state=opt_state),
+                   jnp.full(len(states), -1, jnp.int32))
   return build(states, jnp.asarray([m.learning_rate for m in population], jnp.float32))
 
 
@@ -126,7 +155,7 @@ class Batches:
 
 def make_train_steps(model, tx, mesh, *, length: int, seeds: list[int],
                      at_once: int, **options):
-  """`steps.make_train_steps` of a `Population`.
+  """`steps.make_train_steps` of a population's `Stacked` states.
 
   Indices are (batch, members, length), and a member whose loss is not
   finite is frozen. The step of `at_once` members is computed as one
@@ -154,9 +183,67 @@ def make_train_steps(model, tx, mesh, *, length: int, seeds: list[int],
         (population.members, metrics, population.diverged_at, images, labels, seeds),
         # batch_size=1 would still vmap, over one member.
         batch_size=at_once if at_once > 1 else None)
-    return Population(states, diverged_at), metrics
+    return Stacked(states, diverged_at), metrics
 
   return steps.scan_steps(population_step, length)
+
+
+class Population:
+  """The `kind.Kind` of a sweep: every member's state, batches and rate."""
+
+  def __init__(self, config: ml_collections.ConfigDict, population: list[Member],
+               num_examples: int):
+    self.config, self.members = config, population
+    self.seeds = [m.seed for m in population]
+    self.sweep = [[m.seed, m.learning_rate] for m in population]
+    self.batches = Batches(num_examples, config.batch_size, self.seeds)
+    self.description = f', {len(population)} members'
+
+  def optimizer(self, config, steps_per_epoch):
+    """Each member's rate lives in its optimizer state
+    (`optax.inject_hyperparams`) and the schedule, a factor, scales it."""
+    factor = optimizers.make_schedule(config, steps_per_epoch, 1.0)
+    tx = optimizers.with_weight_decay(config, optax.chain(
+        optax.inject_hyperparams(optimizers.optimizer(config))(config.learning_rate),
+        optax.scale_by_schedule(factor)))
+    rates = np.array([m.learning_rate for m in self.members], np.float32)
+    return tx, lambda step: rates * factor(step)
+
+  def stack(self, states, mesh):
+    return stack(states, self.members, mesh)
+
+  def empty_metrics(self, mesh):
+    return empty_metrics(len(self.members), mesh)
+
+  def train_steps(self, model, tx, mesh, *, length, **options):
+    on_cpu = jax.default_backend() == 'cpu'
+    at_once = self.config.sweep.members_at_once or (1 if on_cpu else len(self.members))
+    return make_train_steps(model, tx, mesh, length=length, seeds=self.seeds,
+                            at_once=at_once, **options)
+
+  def eval_step(self, model, mesh, *, flip):
+    step = jax.vmap(steps.eval_step(model, mesh, flip=flip), in_axes=(0, None, None, None))
+    return jax.jit(step, out_shardings=sharding.replicated(mesh))
+
+  def compute(self, collection):
+    return jax.vmap(type(collection).compute)(collection)
+
+  def diverged_step(self, state, train_metrics):
+    """The last member's divergence once all have diverged, else -1: a
+    population stops only then."""
+    del train_metrics
+    bad = np.asarray(state.diverged_at)
+    return int(bad.max()) if (bad >= 0).all() else -1
+
+  def row_extras(self, state):
+    return dict(diverged_step=np.asarray(state.diverged_at))
+
+  def record(self, run, resumed, is_writer):
+    return Records(run, resumed, is_writer)
+
+  def run_dirs(self, workdir, config):
+    return [(workdir, config)] + [(member_dir(workdir, m), member_config(config, m))
+                                  for m in self.members]
 
 
 class Records:
@@ -168,11 +255,14 @@ class Records:
 
   def __init__(self, run, resumed: dict | None, is_writer: bool):
     self.run, self.is_writer = run, is_writer
-    self.prefix = history.weights_prefix(run.config)
-    self.members = [
-        history.History(run, resumed and dict(resumed, **resumed['member_histories'][k]),
-                        is_writer, workdir=member_dir(run.workdir, m))
-        for k, m in enumerate(run.members)]
+    self.clock = writers.PlotClock(run.total_steps)  # The members' plots go together.
+    self.members = []
+    for k, m in enumerate(run.kind.members):
+      directory = member_dir(run.workdir, m)
+      self.members.append(history.History(
+          run, resumed and dict(resumed, **resumed['member_histories'][k]),
+          writers.for_run(run, directory, self.clock, log=False) if is_writer else (),
+          workdir=directory))
     self.checkpoints = [checkpoints.Checkpoints(h.workdir, keep=1) for h in self.members]
     if resumed:  # Recomputed exactly by the resumed run.
       for c in self.checkpoints:
@@ -182,7 +272,7 @@ class Records:
   def add(self, row: dict) -> list[bool]:
     """Adds each member's row; returns whether it is that member's best."""
     is_best = []
-    for i, (h, member) in enumerate(zip(self.members, self.run.members)):
+    for i, (h, member) in enumerate(zip(self.members, self.run.kind.members)):
       was = h.rows[-1]['diverged_step'] if h.rows else -1
       is_best.append(h.add({k: v[i].item() if np.ndim(v) else v
                             for k, v in row.items()}))
@@ -192,22 +282,20 @@ class Records:
                         h.rows[-1]['diverged_step'])
     return is_best
 
-  def save(self, state: Population, train_metrics, validation_accuracy=None,
-           is_best=None):
+  def save(self, state: Stacked, train_metrics, is_best=None):
     """Checkpoints the population; at an evaluation also each member's
     selected checkpoint: its best, or without a validation split its last."""
     step = int(state.step)
     arch = {k: v for k, v in self.run.architecture.items() if k != 'sweep'}
     if is_best is not None:
-      validation_accuracy = np.broadcast_to(validation_accuracy, len(self.members))
-      for k, (h, member) in enumerate(zip(self.members, self.run.members)):
+      for k, (h, member) in enumerate(zip(self.members, self.run.kind.members)):
         if is_best[k] or not h.has_validation:
           meta = history.checkpoint_meta(
               self.run, step, arch, **h.meta(), seed=member.seed,
               learning_rate=member.learning_rate,
               diverged_step=int(state.diverged_at[k]))
           self.checkpoints[k].save(step, dict(state=state.member(k)), meta,
-                                   float(validation_accuracy[k]), is_best[k],
+                                   h.best['accuracy'], is_best[k],
                                    latest=not h.has_validation)
       for c in self.checkpoints:
         c.wait()
@@ -217,15 +305,18 @@ class Records:
                                 member_histories=[h.meta() for h in self.members]))
     self.run.checkpoints.wait()
 
-  def write(self, row: dict) -> None:
-    """Each member's files, and one log line for the population."""
-    timing = self.members[0].timing(self.members[0].rows[-1])
-    plot = self.members[0].plot_due(row)  # The members' plots go together.
+  def write(self) -> None:
+    """Each member's files of the row just added, and one log line for the
+    population."""
+    row = self.members[0].rows[-1]
+    timing = writers.timing(self.members[0], self.run.batches.steps_per_epoch,
+                            self.run.total_steps)
+    plot = self.clock.due(row['step'])
     for h in self.members:
-      h.write(h.rows[-1], log=False, plot=plot)
+      h.write()
     if self.is_writer and plot:
       reporting.plot_members(
-          {m.name: h.rows for m, h in zip(self.run.members, self.members)},
+          {m.name: h.rows for m, h in zip(self.run.kind.members, self.members)},
           os.path.join(self.run.workdir, files.MEMBERS_PLOT),
           f'{self.run.config.model} on {self.run.config.dataset.name}: '
           f'{len(self.members)} members')
@@ -249,7 +340,7 @@ class Records:
     for c in self.checkpoints:
       c.close()
     table = []
-    for h, member in zip(self.members, self.run.members):
+    for h, member in zip(self.members, self.run.kind.members):
       summary = h.finish()
       table.append(dict(member=member.name, seed=member.seed,
                         learning_rate=member.learning_rate,

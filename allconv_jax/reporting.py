@@ -114,34 +114,6 @@ def epoch_line(row: dict, best: dict) -> str:
   return '  '.join(parts)
 
 
-def summary(rows: list[dict], best: dict, has_validation: bool,
-            prefix: str = '') -> dict:
-  """What a run reports: the selected epoch's numbers and the final ones.
-
-  The selected epoch is the one of best validation accuracy, or the final
-  one without a validation split; test accuracy never selects anything.
-  The accuracies are those of the columns starting with `prefix`: ``'ema_'``
-  for the moving average of the weights (see `history.weights_prefix`), and
-  the flip test-time augmentation's are added where the rows have them.
-  """
-  if not rows:
-    return dict(selection=None, epochs=0)
-  final = rows[-1]
-  selected = (next(r for r in rows if r['epoch'] == best['epoch'])
-              if has_validation else final)
-  optional = lambda v: float(v) if math.isfinite(v) else None
-  out = dict(
-      selection='best_validation_accuracy' if has_validation else 'final',
-      weights='moving_average' if prefix else 'trained',
-      selected_epoch=selected['epoch'], selected_step=selected['step'])
-  for which, row in (('selected', selected), ('final', final)):
-    out[f'{which}_validation_accuracy'] = optional(row[f'{prefix}validation_accuracy'])
-    out[f'{which}_test_accuracy'] = row[f'{prefix}test_accuracy']
-    if f'{prefix}test_flip_accuracy' in row:
-      out[f'{which}_test_flip_accuracy'] = row[f'{prefix}test_flip_accuracy']
-  return dict(out, epochs=final['epoch'], steps=final['step'])
-
-
 def duration(seconds: float) -> str:
   """``h:mm:ss``."""
   seconds = int(seconds)

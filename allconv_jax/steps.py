@@ -112,14 +112,6 @@ FlipEvalMetrics = metrics.Collection.create(
     flip_accuracy=metrics.Average.from_fun(_flip_correct))
 
 
-def compute(collection: metrics.Collection) -> dict:
-  """`collection.compute()`; of each member for a population's metrics,
-  stacked by `jax.vmap` (clu's `compute` takes them for unreduced)."""
-  if np.ndim(collection._reduction_counter.value):  # pylint: disable=protected-access
-    return jax.vmap(type(collection).compute)(collection)
-  return collection.compute()
-
-
 def metric_names(flip: bool) -> tuple[str, ...]:
   """The scalar metrics of `make_eval_step`'s, with or without `flip`."""
   return (*_EVAL_METRICS, 'flip_accuracy') if flip else tuple(_EVAL_METRICS)
@@ -144,11 +136,6 @@ def init_states(model, tx, seeds, mesh) -> list[TrainState]:
   return [init(seed) for seed in seeds]
 
 
-def init_state(model, tx, seed: int, mesh) -> TrainState:
-  """`init_states` of one seed."""
-  return init_states(model, tx, [seed], mesh)[0]
-
-
 def with_ema(state: TrainState, ema_decay: float) -> TrainState:
   """`state` whose moving average starts at its weights (``{}`` if decay 0)."""
   if not ema_decay:
@@ -164,26 +151,10 @@ def model_variables(params, batch_stats) -> dict:
   return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
 
 
-def make_train_step(model, tx, mesh, *, seed: int, **options):
-  """Returns the jitted `(state, metrics, images, labels) -> (state, metrics)`.
-
-  Args:
-    model: built with ``bn_axis_name=sharding.AXIS``, so that batch-norm
-      statistics are averaged over the devices.
-    tx: the optax optimizer.
-    mesh: see `sharding.make_mesh`.
-    seed: of augmentation and dropout.
-    **options: ``max_shift`` (pixels) and ``flip`` (augmentation),
-      ``label_smoothing`` and ``ema_decay`` (see ``configs/default.py``; both
-      default to 0, off).
-  """
-  step = train_step(model, tx, mesh, **options)
-  return jax.jit(lambda state, metrics, images, labels: step(
-      state, metrics, images, labels, seed), donate_argnums=(0, 1))
-
-
-def make_train_steps(model, tx, mesh, *, length: int, seed: int, **options):
-  """Returns the jitted `(state, metrics, images, labels, indices, count)`.
+def make_train_steps(model, tx, mesh, *, seed: int, length: int = 1, **options):
+  """Returns the jitted train steps `(state, metrics, images, labels, indices,
+  count) -> (state, metrics)`, the one way to train (a population's wrap
+  the same `train_step`: `population.make_train_steps`).
 
   It runs the first `count` of `length` train steps in one call, step k on
   ``images[indices[:, k]]`` of the training split on the device (see
@@ -193,9 +164,15 @@ def make_train_steps(model, tx, mesh, *, length: int, seed: int, **options):
   cut short (at an epoch's end) reuse the same program.
 
   Args:
-    model, tx, mesh, seed: as for `make_train_step`.
-    length: the most steps a call runs.
-    **options: the other options of `make_train_step`.
+    model: built with ``bn_axis_name=sharding.AXIS``, so that batch-norm
+      statistics are averaged over the devices.
+    tx: the optax optimizer.
+    mesh: see `sharding.make_mesh`.
+    seed: of augmentation and dropout.
+    length: the most steps a call runs (1: the plain step).
+    **options: ``max_shift`` (pixels) and ``flip`` (augmentation),
+      ``label_smoothing`` and ``ema_decay`` (see ``configs/default.py``; both
+      default to 0, off).
   """
   step = train_step(model, tx, mesh, **options)
   return scan_steps(lambda state, metrics, images, labels, idx: step(
@@ -210,7 +187,7 @@ def scan_steps(step, length: int):
   """
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_steps(state, train_metrics, images, labels, indices, count):
-    if length == 1:  # The plain step, as `make_train_step`'s.
+    if length == 1:  # The plain step.
       return step(state, train_metrics, images, labels, indices[..., 0])
 
     def body(carry, k):
@@ -243,7 +220,7 @@ def train_step(model, tx, mesh, *, max_shift: int, flip: bool,
                label_smoothing: float = 0.0, ema_decay: float = 0.0):
   """The train step `(state, metrics, images, labels, seed)`, not jitted.
 
-  See `make_train_step`; the seed (of augmentation and dropout) is an
+  See `make_train_steps`; the seed (of augmentation and dropout) is an
   argument, so that the members of a population can each have their own.
   """
   def device_step(params, batch_stats, images, labels, key):
@@ -301,14 +278,9 @@ def train_step(model, tx, mesh, *, max_shift: int, flip: bool,
   return step
 
 
-def make_eval_step(model, mesh, *, flip: bool = False, members: bool = False):
-  """Returns the jitted `(variables, images, labels, mask) -> metrics`.
-
-  The metrics are `EvalMetrics` (loss, accuracy, confusion counts), or with
-  `flip` `FlipEvalMetrics`, which add the accuracy of the mean softmax of
-  each image and of its mirror image. With `members`, the variables are a
-  population's, stacked along a leading axis, and so is every metric.
-  """
+def eval_step(model, mesh, *, flip: bool = False):
+  """The evaluation step `(variables, images, labels, mask) -> metrics`, not
+  jitted (see `make_eval_step`; a population's maps it over its members)."""
   def device_step(variables, images):
     logits = model.apply(variables, images, train=False)
     # NHWC: axis 2 is the width.
@@ -320,22 +292,34 @@ def make_eval_step(model, mesh, *, flip: bool = False, members: bool = False):
       out_specs=(P(sharding.AXIS), P(sharding.AXIS)))
   collection = FlipEvalMetrics if flip else EvalMetrics
 
-  def eval_step(variables, images, labels, mask):
+  def step(variables, images, labels, mask):
     logits, flip_logits = sharded(variables, images)
     return collection.single_from_model_output(
         logits=logits, flip_logits=flip_logits, labels=labels, mask=mask)
 
-  if members:
-    eval_step = jax.vmap(eval_step, in_axes=(0, None, None, None))
+  return step
+
+
+def make_eval_step(model, mesh, *, flip: bool = False):
+  """Returns the jitted `(variables, images, labels, mask) -> metrics`.
+
+  The metrics are `EvalMetrics` (loss, accuracy, confusion counts), or with
+  `flip` `FlipEvalMetrics`, which add the accuracy of the mean softmax of
+  each image and of its mirror image.
+  """
   # Replicated, so that every process can read the results.
-  return jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
+  return jax.jit(eval_step(model, mesh, flip=flip),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def evaluate(eval_step, variables, mesh, images: np.ndarray, labels: np.ndarray,
-             batch_size: int) -> dict:
-  """Loss and accuracy (and flip accuracy) over a whole split, as floats (a
-  population's: arrays over its members), and ``confusion``: the (true
-  class, predicted class) counts, a numpy array."""
+             batch_size: int, compute=metrics.Collection.compute) -> dict:
+  """Loss and accuracy (and flip accuracy) over a whole split, and
+  ``confusion``: the (true class, predicted class) counts; numpy arrays.
+
+  `compute` turns the merged metrics into values (a population's computes
+  each member's, see `population.Population.compute`).
+  """
   total = None
   local = sharding.local_slice(batch_size)
   for idx, mask in input_pipeline.eval_batches(len(images), batch_size):
@@ -343,5 +327,4 @@ def evaluate(eval_step, variables, mesh, images: np.ndarray, labels: np.ndarray,
     batch = sharding.global_batch(mesh, images[idx], labels[idx], mask)
     m = eval_step(variables, *batch)
     total = m if total is None else total.merge(m)
-  return {k: float(v) if np.ndim(v) == 0 else np.asarray(v)
-          for k, v in compute(total).items()}
+  return jax.tree.map(np.asarray, compute(total))

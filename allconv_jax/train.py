@@ -8,8 +8,10 @@ from scratch). The loop runs the jitted steps of `allconv_jax.steps`, and
 at the end of every epoch (or every ``eval_every_steps`` steps).
 
 A population (``config.sweep``: several seeds and learning rates) runs
-through the same loop, its states stacked and its steps those of
-`allconv_jax.population`; each of its members is written as a run of its own.
+through the same loop: `setup` decides once whether the config is a single
+run or a population, and the loop asks the `kind.Kind` it got (its states
+stacked, its steps those of `allconv_jax.population`); each of a
+population's members is written as a run of its own.
 
 The batches, augmentation and dropout masks depend only on (seed, step), so a
 resumed run ends bit for bit where an uninterrupted run would.
@@ -28,9 +30,9 @@ import optax
 from absl import logging
 
 from allconv_jax import (checkpoints, config as config_lib, datasets, disk,
-                         files, history, input_pipeline, models, optimizers,
-                         population, reporting, sharding, steps, stopping,
-                         trained, transfer)
+                         files, input_pipeline, kind as kind_lib, models,
+                         optimizers, reporting, selection as selection_lib,
+                         sharding, steps, stopping, trained, transfer)
 from allconv_jax.errors import UserError
 
 
@@ -38,8 +40,8 @@ from allconv_jax.errors import UserError
 class Setup:
   """The parts of a run, built from its config by `setup`.
 
-  `members` is [] for a single run, else those of a population, whose
-  `batches` are the members' and whose `schedule` gives their rates.
+  `kind` is a single run or a population; `batches` and `schedule` are its
+  (a population's: of every member).
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -50,18 +52,14 @@ class Setup:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   checkpoints: checkpoints.Checkpoints
-  members: list[population.Member]
+  kind: kind_lib.Kind
+  selection: selection_lib.Selection
 
   @property
   def architecture(self) -> dict:
     """What the run's checkpoints must match: the network and the members."""
-    sweep = [[m.seed, m.learning_rate] for m in self.members] or None
-    return dict(trained.architecture(self.config, self.data.num_classes), sweep=sweep)
-
-  @property
-  def seeds(self) -> list[int]:
-    """The seed of each member, or the run's."""
-    return [m.seed for m in self.members] or [self.config.seed]
+    return dict(trained.architecture(self.config, self.data.num_classes),
+                sweep=self.kind.sweep)
 
   @property
   def total_steps(self) -> int:
@@ -88,28 +86,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                     f'{data.num_classes} classes of the data; leave it None')
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  members = population.members(config)
-  if members:
-    batches = population.Batches(len(data.train.labels), config.batch_size,
-                                 [m.seed for m in members])
-  else:
-    batches = input_pipeline.TrainBatches(len(data.train.labels),
-                                          config.batch_size, config.seed)
+  kind = kind_lib.of(config, len(data.train.labels))
   model = trained.create_model(config, data.num_classes, bn_axis_name=sharding.AXIS)
-  tx, schedule = optimizers.make_optimizer(config, batches.steps_per_epoch,
-                                           bool(members))
-  if members:
-    rates = np.array([m.learning_rate for m in members], np.float32)
-    schedule = lambda step, factor=schedule: rates * factor(step)
+  tx, schedule = kind.optimizer(config, kind.batches.steps_per_epoch)
   # The rate of each evaluation's row: one program, where op by op its first
   # call compiles every operation of the schedule (1.6 s on a 2-core CPU).
   schedule = jax.jit(schedule)
   if config.transfer.from_workdir and config.transfer.freeze:
     tx = transfer.freeze(tx, steps.abstract_variables(model)['params'],
                          transfer.patterns(config.transfer.reinit))
-  run = Setup(config, workdir, data, sharding.make_mesh(), batches, model, tx,
+  run = Setup(config, workdir, data, sharding.make_mesh(), kind.batches, model, tx,
               schedule, checkpoints.Checkpoints(workdir, keep=config.checkpoint_keep),
-              members)
+              kind, selection_lib.of(config, data.validation is not None))
   checkpoints.check_architecture(run.checkpoints.latest_dir, run.architecture)
   return run
 
@@ -142,11 +130,11 @@ def initial_state(run: Setup) -> Start:
   replicated = sharding.replicated(run.mesh)
   # The moving average (ema_decay) starts at the weights training starts from.
   start_ema = lambda state: steps.with_ema(state, config.ema_decay)
-  fresh = [start_ema(s) for s in steps.init_states(run.model, run.tx, run.seeds, run.mesh)]
+  seeds = run.kind.seeds
+  fresh = [start_ema(s) for s in steps.init_states(run.model, run.tx, seeds, run.mesh)]
   # A population's states are its members' stacked (see `population`).
-  combine = ((lambda states: population.stack(states, run.members, run.mesh))
-             if run.members else (lambda states: states[0]))
-  train_metrics = empty_metrics(run)
+  combine = lambda states: run.kind.stack(states, run.mesh)
+  train_metrics = run.kind.empty_metrics(run.mesh)
   preprocess_path = os.path.join(run.workdir, files.PREPROCESS)
   fit = lambda: input_pipeline.Preprocessor.fit(run.data.train.images,
                                                 **config.preprocess)
@@ -183,16 +171,9 @@ def initial_state(run: Setup) -> Start:
   if config.init != 'lsuv':
     return Start(combine(fresh), train_metrics, preprocessor, None)
   states, reports = zip(*[_lsuv(run, state, preprocessor, seed)
-                          for state, seed in zip(fresh, run.seeds)])
+                          for state, seed in zip(fresh, seeds)])
   return Start(combine([start_ema(s) for s in states]), train_metrics,
                preprocessor, None, list(reports))
-
-
-def empty_metrics(run: Setup) -> steps.TrainMetrics:
-  """Train metrics of no step yet (a population's: of each member)."""
-  if run.members:
-    return population.empty_metrics(len(run.members), run.mesh)
-  return jax.device_put(steps.TrainMetrics.empty(), sharding.replicated(run.mesh))
 
 
 def _lsuv(run: Setup, state: steps.TrainState, preprocessor, seed: int):
@@ -213,7 +194,7 @@ def _lsuv(run: Setup, state: steps.TrainState, preprocessor, seed: int):
   logging.info('LSUV on %d images in %.1fs:\n%s', len(idx), time.time() - start,
                report.table())
   # SGD and Adam states start at zero whatever the parameters, so the
-  # optimizer state of `init_state` still fits.
+  # optimizer state of `steps.init_states` still fits.
   params = jax.device_put(variables['params'], sharding.replicated(run.mesh))
   return state.replace(params=params), report
 
@@ -251,14 +232,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   ('test', run.data.test)) if split is not None}
     # On the devices before anything is written: it may not fit.
     images, labels = steps.resident(run.mesh, *splits['train'])
-    record = (population.Records if run.members else history.History)(
-        run, start.resumed, is_writer)
+    record = run.kind.record(run, start.resumed, is_writer)
     if is_writer and start.resumed is None:
       _write_start_files(run, start)
     logging.info('%s on %s (%s), %d device(s)%s', config.model, config.dataset.name,
                  ', '.join(f'{len(l)} {n}' for n, (_, l) in splits.items()),
-                 jax.device_count(),
-                 f', {len(run.members)} members' if run.members else '')
+                 jax.device_count(), run.kind.description)
     if is_writer:  # The full table is in the workdir (files.MODEL_SUMMARY).
       print(models.summary(run.model), flush=True)
 
@@ -268,16 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         length=length, max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
         flip=config.augment.flip, label_smoothing=config.label_smoothing,
         ema_decay=config.ema_decay)
-    if run.members:
-      train_steps = population.make_train_steps(
-          run.model, run.tx, run.mesh, seeds=run.seeds,
-          at_once=config.sweep.members_at_once or (1 if on_cpu else len(run.members)),
-          **options)
-    else:
-      train_steps = steps.make_train_steps(run.model, run.tx, run.mesh,
-                                           seed=config.seed, **options)
-    eval_step = steps.make_eval_step(run.model, run.mesh, flip=config.eval_flip,
-                                     members=bool(run.members))
+    train_steps = run.kind.train_steps(run.model, run.tx, run.mesh, **options)
+    eval_step = run.kind.eval_step(run.model, run.mesh, flip=config.eval_flip)
     state, train_metrics, step = start.state, start.train_metrics, int(start.state.step)
     local = sharding.local_slice(config.batch_size)
     every = config.eval_every_steps or run.batches.steps_per_epoch
@@ -326,11 +297,7 @@ def _check_finite(run: Setup, state, train_metrics: steps.TrainMetrics) -> None:
   A population's diverged members are frozen instead (see `population`):
   it stops once all of them are.
   """
-  if run.members:
-    bad = np.asarray(state.diverged_at)
-    bad = int(bad.max()) if (bad >= 0).all() else -1
-  else:
-    bad = int(train_metrics.nonfinite_step.compute())
+  bad = run.kind.diverged_step(state, train_metrics)
   if bad >= 0 and run.config.halt_on_nan:
     raise stopping.Diverged(bad, checkpoints.latest_step(run.checkpoints.latest_dir))
 
@@ -338,9 +305,7 @@ def _check_finite(run: Setup, state, train_metrics: steps.TrainMetrics) -> None:
 def _write_start_files(run: Setup, start: Start) -> None:
   """The files a new run starts with; each member of a population gets a
   config and preprocessing of its own, so that its directory is a run's."""
-  dirs = [(run.workdir, run.config)] + [
-      (population.member_dir(run.workdir, m), population.member_config(run.config, m))
-      for m in run.members]
+  dirs = run.kind.run_dirs(run.workdir, run.config)
   for directory, config in dirs:
     os.makedirs(directory, exist_ok=True)
     start.preprocessor.save(os.path.join(directory, files.PREPROCESS))
@@ -348,11 +313,14 @@ def _write_start_files(run: Setup, start: Start) -> None:
                      config.to_json_best_effort(indent=2))
   files.write_text(os.path.join(run.workdir, files.MODEL_SUMMARY),
                    models.summary(run.model, full=True))
-  for (directory, _), report in zip(dirs[1:] or dirs, start.lsuv_reports or []):
+  # One LSUV report per seed, into the last directories: a single run's
+  # workdir, or each member's.
+  for (directory, _), report in zip(dirs[-len(run.kind.seeds):],
+                                    start.lsuv_reports or []):
     report.save(os.path.join(directory, files.LSUV_REPORT))
 
 
-def evaluate_and_save(run: Setup, record: history.History, eval_step, state,
+def evaluate_and_save(run: Setup, record: kind_lib.Record, eval_step, state,
                       train_metrics, splits: dict):
   """Evaluates, selects on validation, checkpoints and logs an epoch's end.
 
@@ -367,28 +335,28 @@ def evaluate_and_save(run: Setup, record: history.History, eval_step, state,
     and the test split's confusion counts of the selected kind of weights.
   """
   step = int(state.step)
-  # Floats; a population's values are arrays over its members.
-  host = lambda v: float(v) if np.ndim(v) == 0 else np.asarray(v)
+  # Numpy arrays; a population's are over its members.
   row = dict(epoch=reporting.epoch_of(step, run.batches.steps_per_epoch),
-             step=step, learning_rate=host(run.schedule(step - 1)))
-  row.update({f'train_{k}': host(v) for k, v in steps.compute(train_metrics).items()
+             step=step, learning_rate=np.asarray(run.schedule(step - 1)))
+  row.update({f'train_{k}': np.asarray(v)
+              for k, v in run.kind.compute(train_metrics).items()
               if k != 'nonfinite_step'})
   kinds = ['', 'ema_'] if run.config.ema_decay else ['']
   for prefix in kinds:
     for name in ('validation', 'test'):
       if name in splits:
         measured = steps.evaluate(eval_step, state.variables(ema=bool(prefix)),
-                                  run.mesh, *splits[name], run.config.eval_batch_size)
-        if name == 'test' and prefix == record.prefix:
+                                  run.mesh, *splits[name], run.config.eval_batch_size,
+                                  compute=run.kind.compute)
+        if name == 'test' and prefix == run.selection.prefix:
           test_confusion = measured['confusion']
       else:
         measured = dict.fromkeys(steps.metric_names(run.config.eval_flip), float('nan'))
       row.update({f'{prefix}{name}_{k}': v for k, v in measured.items()
                   if k != 'confusion'})
-  if run.members:
-    row['diverged_step'] = np.asarray(state.diverged_at)
+  row.update(run.kind.row_extras(state))
   is_best = record.add(row)
-  train_metrics = empty_metrics(run)
-  record.save(state, train_metrics, row[f'{record.prefix}validation_accuracy'], is_best)
-  record.write(row)
+  train_metrics = run.kind.empty_metrics(run.mesh)
+  record.save(state, train_metrics, is_best)
+  record.write()
   return train_metrics, test_confusion

@@ -18,8 +18,8 @@ import jax
 import ml_collections
 
 from allconv_jax import (checkpoints, config as config_lib, confusion, conv,
-                         datasets, files, input_pipeline, models, sharding,
-                         steps)
+                         datasets, files, input_pipeline, models, selection,
+                         sharding, steps)
 from allconv_jax.errors import UserError
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
@@ -93,15 +93,15 @@ def load(workdir: str, expected: dict | None = None, field: str = 'workdir') -> 
                     f'{len(os.listdir(members))} members; give one of them, '
                     f'e.g. {os.path.join(members, min(os.listdir(members), default="<name>"))}')
   config_path = os.path.join(workdir, files.CONFIG)
-  directory = checkpoints.selected_dir(workdir)
+  directory = selection.checkpoint_dir(workdir)
   step = checkpoints.latest_step(directory)
   if step is None or not os.path.exists(config_path):
     raise UserError(f'{field}: no checkpoint in {workdir}; train first')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   tree, meta = checkpoints.restore_tree(directory, step, expected, field)
-  # With ema_decay the run's weights are the moving average (see train.py).
-  weights = tree['state']['ema'] if config.get('ema_decay') else tree['state']
+  # The selected weights: the moving average with ema_decay.
+  weights = selection.of(config, has_validation=True).state_weights(tree['state'])
   variables = {'params': weights['params']}
   if weights.get('batch_stats'):
     variables['batch_stats'] = weights['batch_stats']
@@ -141,5 +141,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                                 'test', run.step)
   else:
     per_class = confusion.report(test['confusion'], data.class_names)
-  return dict(test_accuracy=test['accuracy'], test_loss=test['loss'],
+  return dict(test_accuracy=float(test['accuracy']), test_loss=float(test['loss']),
               step=run.step, **per_class)

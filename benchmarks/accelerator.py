@@ -16,7 +16,7 @@ Prints the machine and the device, then three Markdown tables:
    timed alike. It runs in this process after JAX's steps (on a CPU the two
    never run at once; `vs_pytorch.py` is the careful CPU comparison);
    without PyTorch, or without its CUDA while JAX is on a GPU, a note says so;
-3. `train.train_and_evaluate` with `config.paper('all_cnn_c')` on a
+3. `train.train_and_evaluate` with `configs/paper.py:all_cnn_c` on a
    synthetic CIFAR-sized split in a temporary workdir, epochs 2 on timed:
    seconds per epoch, images/s against the bare step's (PASS at 0.95 for the
    training alone) and the projected time of the paper's 350 epochs.
@@ -237,10 +237,11 @@ def full_loop(dtype: str, data, steps: int) -> dict:
 
   `datasets.load` returns `data`; `steps.make_train_steps`,
   `steps.evaluate` and `train.evaluate_and_save` are wrapped (only during
-  the run; `train` calls them through their modules) to time each epoch's
-  eval and end and to keep what `chunk_reference` needs.
+  the run; `train`, and `kind.Single.train_steps` for the first, call them
+  through their modules) to time each epoch's eval and end and to keep what
+  `chunk_reference` needs.
   """
-  config = config_lib.paper('all_cnn_c')
+  config = config_lib.load(os.path.join(common.REPO, 'configs', 'paper.py:all_cnn_c'))
   config.width, config.dtype = FLAGS.width, dtype
   config.batch_size, config.num_epochs = FLAGS.batch_size, FLAGS.epochs
   config.steps_per_dispatch = FLAGS.steps_per_dispatch
@@ -261,7 +262,7 @@ def full_loop(dtype: str, data, steps: int) -> dict:
 
   def timed_evaluate(*args, **kwargs):
     start = time.perf_counter()
-    result = evaluate(*args, **kwargs)  # Ends in float(): the eval is done.
+    result = evaluate(*args, **kwargs)  # Numpy arrays: the eval is done.
     evals[len(ends)] += time.perf_counter() - start
     return result
 
@@ -362,7 +363,7 @@ def main(argv):
     loop = full_loop(dtype, data, steps)
     more, verdict = loop_report(dtype, loop, jax_steps[dtype]['images_per_s'])
     rows, verdicts = rows + more, verdicts + [verdict]
-  print("\n## 3. full loop: train_and_evaluate, config.paper('all_cnn_c'), "
+  print("\n## 3. full loop: train_and_evaluate, configs/paper.py:all_cnn_c, "
         'preprocessing ' + ('GCN + ZCA (the paper)' if FLAGS.preprocess ==
                             'paper' else 'standardization (--preprocess='
                             'standardize, no GCN + ZCA)') + '\n')

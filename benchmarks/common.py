@@ -289,11 +289,14 @@ def conv_flops(width: float = 1.0) -> tuple[float, float]:
 class LibrarySteps:
   """The library's All-CNN-C train and eval steps, ready to be timed.
 
-  `steps.make_train_step` and `steps.make_eval_step` with the training
-  settings of ``configs/default.py`` (the paper's All-CNN-C, SGD + momentum
-  0.9, weight decay 0.001, dropout), on one random batch already on the
-  device, so that only the step itself is timed. Cases are named
-  ``'train b128'``, ``'eval b500'`` and so on.
+  `steps.make_train_steps` (one step per call, ``length=1``) and
+  `steps.make_eval_step` with the training settings of ``configs/default.py``
+  (the paper's All-CNN-C, SGD + momentum 0.9, weight decay 0.001, dropout),
+  on one random batch already on the device, so that only the step itself is
+  timed. The train step takes its batch as the training loop does: the
+  images resident on the device (`steps.resident`) and the batch's indices
+  into them, here all of them in order. Cases are named ``'train b128'``,
+  ``'eval b500'`` and so on.
 
   Args:
     dtype: compute dtype, ``'float32'`` or ``'bfloat16'``.
@@ -317,10 +320,10 @@ class LibrarySteps:
     # CIFAR-10's steps per epoch, for the learning-rate schedule.
     self.tx, _ = optimizers.make_optimizer(config, 50000 // config.batch_size)
     model = trained.create_model(config, 10, bn_axis_name=sharding.AXIS)
-    self.state = steps.init_state(model, self.tx, config.seed, self.mesh)
+    self.state = steps.init_states(model, self.tx, [config.seed], self.mesh)[0]
     self.metrics = self._empty_metrics()
-    self.train_step = steps.make_train_step(
-        model, self.tx, self.mesh, seed=config.seed,
+    self.train_step = steps.make_train_steps(
+        model, self.tx, self.mesh, seed=config.seed, length=1,
         max_shift=(input_pipeline.max_shift_pixels(config.augment.translate)
                    if augment else 0),
         flip=config.augment.flip and augment)
@@ -333,28 +336,36 @@ class LibrarySteps:
     return self._jax.device_put(self._steps.TrainMetrics.empty(),
                                 self._sharding.replicated(self.mesh))
 
-  def _batch(self, batch_size: int):
+  def _batch(self, batch_size: int) -> tuple:
+    """A random batch: images, labels and mask (all ones), on the host."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     rng = np.random.default_rng(batch_size)
-    return self._sharding.global_batch(
-        self.mesh, rng.standard_normal((batch_size, 32, 32, 3), np.float32),
-        rng.integers(0, 10, batch_size).astype(np.int32),
-        np.ones(batch_size, np.float32))
+    return (rng.standard_normal((batch_size, 32, 32, 3), np.float32),
+            rng.integers(0, 10, batch_size).astype(np.int32),
+            np.ones(batch_size, np.float32))
 
   def prepare(self, case: str) -> dict:
     """Compiles a case and runs it once; returns the seconds both took."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
     kind, batch_size = case.split(' b')
-    images, labels, mask = self._batch(int(batch_size))
+    batch_size = int(batch_size)
+    images, labels, mask = self._batch(batch_size)
     if kind == 'train':
-      step, args = self.train_step, (self.state, self.metrics, images, labels)
-      extra = ()
+      # One step (count 1) on the whole batch: indices 0..batch_size-1.
+      local = np.arange(batch_size, dtype=np.int32)[
+          self._sharding.local_slice(batch_size), None]
+      indices, = self._sharding.global_batch(self.mesh, local)
+      step, data = self.train_step, (
+          *self._steps.resident(self.mesh, images, labels), indices, 1)
+      args = (self.state, self.metrics)
     else:
-      step, args = self.eval_step, (self.state.variables(), images, labels)
-      extra = (mask,)
+      step, data = self.eval_step, tuple(self._sharding.global_batch(
+          self.mesh, images, labels, mask))
+      args = (self.state.variables(),)
     start = time.perf_counter()
-    compiled = step.lower(*args, *extra).compile()
+    compiled = step.lower(*args, *data).compile()
     compiled_at = time.perf_counter()
-    self._compiled[case] = (compiled, args[-2:] + extra)
+    self._compiled[case] = (compiled, data)
     self.run(case, 1)
     return dict(compile_s=compiled_at - start,
                 first_call_s=time.perf_counter() - compiled_at)

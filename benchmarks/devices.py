@@ -4,16 +4,19 @@
   python benchmarks/devices.py --devices=1     # only the 1-device comparison
   python benchmarks/devices.py --width=0.25 --steps=2 --rounds=2  # smoke test
 
-Measures images/s of the library's train step (`steps.make_train_step`:
-augmentation, then the loss and gradients inside `jax.shard_map`, `pmean`
-over the ``data`` axis, optax update) for All-CNN-C at full width, batch 128,
-float32, with the paper's training settings of ``configs/default.py`` (SGD +
-momentum, weight decay, translate + flip, dropout), on random data already
-on the devices, after warm-up, blocking after every step:
+Measures images/s of the library's train step (`steps.make_train_steps`
+with ``length=1``, one step per call: the batch gathered from the images on
+the device by its indices, augmentation, then the loss and gradients inside
+`jax.shard_map`, `pmean` over the ``data`` axis, optax update) for All-CNN-C
+at full width, batch 128, float32, with the paper's training settings of
+``configs/default.py`` (SGD + momentum, weight decay, translate + flip,
+dropout), on random data already on the devices (`steps.resident`, as the
+training loop keeps its split; the indices split over the devices), after
+warm-up, blocking after every step:
 
 1. on 1 device: the sharded step vs. a plain jitted step written here as a
-   baseline (the same model, augmentation, loss, optimizer and metrics, no
-   `shard_map`, no `pmean`). The two are timed in alternating blocks in one
+   baseline (the same gather, model, augmentation, loss, optimizer and
+   metrics, no `shard_map`, no `pmean`). The two are timed in alternating blocks in one
    process so that drift in the machine's load hits both alike. Target: the
    sharded step within 3% of the plain one. Before timing, one step of each
    from the same state is checked to give the same loss and parameters, so
@@ -68,11 +71,14 @@ flags.DEFINE_integer('worker', None, 'Internal: measure with this many '
 
 
 def plain_train_step(model, tx, *, seed: int, max_shift: int, flip: bool):
-  """The unsharded baseline: `steps.make_train_step` without `shard_map`.
+  """The unsharded baseline: `steps.make_train_steps` (``length=1``)
+  without `shard_map`.
 
-  Same augmentation, keys, loss, metrics and optimizer update; the dropout
-  key is folded with 0 as device 0 of the sharded step folds it, so on one
-  device both functions compute the same thing.
+  The same arguments `(state, metrics, images, labels, indices, count)` and
+  the same gather of the batch, augmentation, keys, loss, metrics and
+  optimizer update; the dropout key is folded with 0 as device 0 of the
+  sharded step folds it, so on one device both functions compute the same
+  thing. One step per call: `count` is ignored, as ``length=1`` ignores it.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -80,7 +86,10 @@ def plain_train_step(model, tx, *, seed: int, max_shift: int, flip: bool):
   from allconv_jax import input_pipeline, steps  # pylint: disable=g-import-not-at-top
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(state, train_metrics, images, labels):
+  def train_step(state, train_metrics, images, labels, indices, count):
+    del count  # One step, as make_train_steps with length=1.
+    idx = indices[:, 0]
+    images, labels = images[idx], labels[idx]
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     augment_key, dropout_key = jax.random.split(key)
     images = input_pipeline.augment(augment_key, images, max_shift=max_shift,
@@ -131,17 +140,23 @@ def measure(devices: int) -> dict:
   kwargs = dict(seed=config.seed,
                 max_shift=input_pipeline.max_shift_pixels(config.augment.translate),
                 flip=config.augment.flip)
-  state = steps.init_state(model, tx, config.seed, mesh)
+  state = steps.init_states(model, tx, [config.seed], mesh)[0]
   rng = np.random.default_rng(0)
-  images, labels = sharding.global_batch(
+  # As the training loop sends them: the images on every device, and one
+  # step's indices (here the whole batch in order) split over the devices.
+  data = (*steps.resident(
       mesh, rng.standard_normal((config.batch_size, 32, 32, 3), np.float32),
-      rng.integers(0, 10, config.batch_size).astype(np.int32))
+      rng.integers(0, 10, config.batch_size).astype(np.int32)),
+          *sharding.global_batch(mesh, np.arange(
+              config.batch_size, dtype=np.int32)[:, None]), 1)
   fresh_metrics = lambda: jax.device_put(steps.TrainMetrics.empty(), replicated)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
 
-  steps = {'sharded': steps.make_train_step(model, tx, mesh, **kwargs)}
+  # Not `steps`: fresh_metrics needs the module.
+  step_fns = {'sharded': steps.make_train_steps(model, tx, mesh, length=1,
+                                                **kwargs)}
   if devices == 1:
-    steps['plain'] = plain_train_step(trained.create_model(config, 10), tx,
+    step_fns['plain'] = plain_train_step(trained.create_model(config, 10), tx,
                                       **kwargs)
   result = dict(devices=devices, batch_size=config.batch_size,
                 width=config.width, jax=jax.__version__,
@@ -149,15 +164,14 @@ def measure(devices: int) -> dict:
                 xla_flags=os.environ.get('XLA_FLAGS', ''), compile_s={},
                 timings={})
   compiled, states = {}, {}
-  for name, step in steps.items():
+  for name, step in step_fns.items():
     common.log(f'    {devices} device(s): compiling the {name} step ...')
     t = time.perf_counter()
-    compiled[name] = step.lower(state, fresh_metrics(), images,
-                                labels).compile()
+    compiled[name] = step.lower(state, fresh_metrics(), *data).compile()
     result['compile_s'][name] = time.perf_counter() - t
 
   # One step of each from the same state: the same loss and parameters.
-  first = {name: c(copy(state), fresh_metrics(), images, labels)
+  first = {name: c(copy(state), fresh_metrics(), *data)
            for name, c in compiled.items()}
   result['loss'] = {name: float(m.compute()['loss'])
                     for name, (_, m) in first.items()}
@@ -175,7 +189,7 @@ def measure(devices: int) -> dict:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(n):
       t = time.perf_counter()
-      s, m = compiled[name](s, m, images, labels)
+      s, m = compiled[name](s, m, *data)
       jax.block_until_ready((s, m))
       times.append(time.perf_counter() - t)
     states[name] = (s, m)

@@ -5,7 +5,10 @@
 Starts two processes of this script on this machine (2 forced CPU devices
 each, a coordinator on 127.0.0.1), joined by `allconv_jax.distributed` as the
 binary joins them, and times the library's train step of the digits config
-(All-CNN-C with batch norm, batch 32, Adam; ``--width`` scales it).
+(All-CNN-C with batch norm, batch 32, Adam; ``--width`` scales it):
+`steps.make_train_steps` with ``length=1``, one step per call, its batch
+gathered from random images on the devices (`steps.resident`) by indices
+split over the devices, as the training loop sends them.
 
 Two measures, because a few milliseconds per step are far below what other
 work on a shared machine does to a step:
@@ -52,22 +55,27 @@ def _child(args) -> None:
   mesh = sharding.make_mesh()
   tx, _ = optimizers.make_optimizer(config, 15)
   model = trained.create_model(config, 10, bn_axis_name=sharding.AXIS)
-  state = steps.init_state(model, tx, config.seed, mesh)
+  state = steps.init_states(model, tx, [config.seed], mesh)[0]
   metrics = jax.device_put(steps.TrainMetrics.empty(), sharding.replicated(mesh))
-  step = steps.make_train_step(model, tx, mesh, seed=config.seed, max_shift=0,
-                               flip=False)
-  rng = np.random.default_rng(args.process_id)
-  local = config.batch_size // 2
-  images, labels = sharding.global_batch(
-      mesh, rng.standard_normal((local, 32, 32, 3), np.float32),
-      rng.integers(0, 10, local).astype(np.int32))
+  train_steps = steps.make_train_steps(model, tx, mesh, seed=config.seed,
+                                       length=1, max_shift=0, flip=False)
+  # The same random batch in both processes, on every device; each process
+  # sends the indices of its half of it.
+  rng = np.random.default_rng(0)
+  batch = config.batch_size
+  data = steps.resident(
+      mesh, rng.standard_normal((batch, 32, 32, 3), np.float32),
+      rng.integers(0, 10, batch).astype(np.int32))
+  indices, = sharding.global_batch(mesh, np.arange(batch, dtype=np.int32)[
+      sharding.local_slice(batch), None])
+  step = lambda state, metrics: train_steps(state, metrics, *data, indices, 1)
 
   def run(every):
     nonlocal state, metrics
     agreement = distributed.Agreement(every) if every else None
     start = time.perf_counter()
     for k in range(args.steps):
-      state, metrics = step(state, metrics, images, labels)
+      state, metrics = step(state, metrics)
       if agreement:
         agreement(k + 1, None)
     jax.block_until_ready(metrics)
@@ -87,7 +95,7 @@ def _child(args) -> None:
     agreement(k, None)
     alone.append(time.perf_counter() - start)
     start = time.perf_counter()
-    state, metrics = step(state, metrics, images, labels)
+    state, metrics = step(state, metrics)
     dispatch.append(time.perf_counter() - start)
     jax.block_until_ready(metrics)
     blocking.append(time.perf_counter() - start)

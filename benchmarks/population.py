@@ -140,10 +140,15 @@ class Bench:
     self.config, self.batch, self.train_size = config, batch, train_size
     self.mesh = sharding.make_mesh()
     sharding.check_batch_size(batch)
-    # CIFAR-10's steps per epoch, for the schedule; a population's learning
-    # rate lives in its optimizer state, as `train.setup` builds it.
-    self.tx = {in_state: optimizers.make_optimizer(config, 50000 // batch, in_state)[0]
-               for in_state in (False, True)}
+    # CIFAR-10's steps per epoch, for the schedule. A single run's optimizer
+    # (False), and a population's (True), whose learning rates live in its
+    # optimizer state, as `train.setup` builds them (`kind.Single.optimizer`,
+    # `population.Population.optimizer`; the rates are set by `states`).
+    spe = 50000 // batch
+    kind = population.Population(
+        config, [population.Member(config.seed, config.learning_rate)], train_size)
+    self.tx = {False: optimizers.make_optimizer(config, spe)[0],
+               True: kind.optimizer(config, spe)[0]}
     self.model = trained.create_model(config, 10, bn_axis_name=sharding.AXIS)
     shift = input_pipeline.max_shift_pixels(config.augment.translate)
     self.options = dict(length=length, max_shift=shift, flip=config.augment.flip,
@@ -167,11 +172,12 @@ class Bench:
     seeds, mesh = list(range(members)), self.mesh
     if at_once is None:
       name, tx = 'single run', self.tx[False]
-      state = steps.with_ema(steps.init_state(self.model, tx, 0, mesh),
+      state = steps.with_ema(steps.init_states(self.model, tx, [0], mesh)[0],
                              self.config.ema_decay)
       metrics = jax.device_put(steps.TrainMetrics.empty(), sharding.replicated(mesh))
       fn = steps.make_train_steps(self.model, tx, mesh, seed=0, **self.options)
       batches = input_pipeline.TrainBatches(self.train_size, self.batch, 0)
+      compute = lambda c: c.compute()
     else:
       name = f'population of {members}, at_once={at_once}'
       state = self.states(self.model, seeds, mesh)
@@ -179,6 +185,7 @@ class Bench:
       fn = population.make_train_steps(self.model, self.tx[True], mesh, seeds=seeds,
                                        at_once=at_once, **self.options)
       batches = population.Batches(self.train_size, self.batch, seeds)
+      compute = lambda c: jax.vmap(type(c).compute)(c)  # Each member's.
     carry = dict(state=state, metrics=metrics)
     n = self.options['length']
     args = lambda step: (self.images, self.labels, sharding.global_batch(
@@ -190,7 +197,7 @@ class Bench:
       return carry['metrics']
     case = Case(name, members, self.batch,
                 lambda: fn.lower(carry['state'], carry['metrics'], *args(0)), call,
-                lambda: np.ravel(steps.compute(carry['metrics'])['loss']))
+                lambda: np.ravel(compute(carry['metrics'])['loss']))
     tree = getattr(state, 'members', state)  # A population's, or the run's.
     nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t)) // members
     case.state_bytes, case.param_bytes = nbytes(tree), nbytes(tree.params)

@@ -78,20 +78,30 @@ def bare_steps(dtype: str, steps: int) -> list[list[str]]:
 
 
 class _BareReference:
-  """The loop's own jitted train step, timed with a state of its own."""
+  """The loop's own jitted train steps, timed with a state of its own.
 
-  def __init__(self, step, model, tx, mesh, seed: int):
+  Each call runs the chunk's `length` steps (1 on a CPU, the library's
+  default) on one random batch of 128 on the device (`steps.resident`, as
+  the loop keeps its split; every step's indices are the whole batch); the
+  times are per step.
+  """
+
+  def __init__(self, step, model, tx, mesh, seed: int, length: int,
+               ema_decay: float):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from allconv_jax import sharding, steps  # pylint: disable=g-import-not-at-top
-    self.step, self.jax = step, jax
-    self.state = steps.init_state(model, tx, seed, mesh)
+    self.step, self.jax, self.length = step, jax, length
+    self.state = steps.with_ema(steps.init_states(model, tx, [seed], mesh)[0],
+                                ema_decay)
     self.metrics = jax.device_put(steps.TrainMetrics.empty(),
                                   sharding.replicated(mesh))
     rng = np.random.default_rng(0)
-    self.batch = sharding.global_batch(
-        mesh, rng.standard_normal((128, 32, 32, 3), np.float32),
-        rng.integers(0, 10, 128).astype(np.int32))
+    indices = np.tile(np.arange(128, dtype=np.int32)[:, None], (1, length))
+    self.batch = (
+        *steps.resident(mesh, rng.standard_normal((128, 32, 32, 3), np.float32),
+                        rng.integers(0, 10, 128).astype(np.int32)),
+        *sharding.global_batch(mesh, indices[sharding.local_slice(128)]), length)
 
   def run(self, n: int) -> list[float]:
     times = []
@@ -100,16 +110,17 @@ class _BareReference:
       self.state, self.metrics = self.step(self.state, self.metrics,
                                            *self.batch)
       self.jax.block_until_ready(self.metrics)
-      times.append(time.perf_counter() - start)
+      times.append((time.perf_counter() - start) / self.length)
     return times
 
 
 def full_loop(epochs: int, ref_steps: int) -> dict:
   """Times `train.train_and_evaluate` on digits against its bare step.
 
-  `steps.make_train_step` and `steps.evaluate` are wrapped (only while the
-  loop runs) to get hold of the jitted step and to mark when each epoch's
-  eval starts and ends; the bare reference runs inside the eval's wrapper,
+  `steps.make_train_steps` (which the loop's `kind.Single.train_steps`
+  calls) and `steps.evaluate` are wrapped (only while the loop runs) to get
+  hold of the jitted steps and to mark when each epoch's eval starts and
+  ends; the bare reference runs inside the eval's wrapper,
   after the eval, and its time is not counted.
 
   Returns:
@@ -121,18 +132,19 @@ def full_loop(epochs: int, ref_steps: int) -> dict:
   config = config_lib.defaults()
   config.dataset.name, config.num_epochs = 'digits', epochs
   config.width = FLAGS.width
-  make_train_step, evaluate = steps.make_train_step, steps.evaluate
+  make_train_steps, evaluate = steps.make_train_steps, steps.evaluate
   found = {}
   marks = []  # Per epoch: (eval start, eval end, reference end, step times).
 
   def capture_step(model, tx, mesh, **kwargs):
-    found['args'] = (model, tx, mesh, kwargs['seed'])
-    found['step'] = make_train_step(model, tx, mesh, **kwargs)
+    found['args'] = (model, tx, mesh, kwargs['seed'], kwargs.get('length', 1),
+                     kwargs.get('ema_decay', 0.0))
+    found['step'] = make_train_steps(model, tx, mesh, **kwargs)
     return found['step']
 
   def timed_evaluate(*args, **kwargs):
     start = time.perf_counter()
-    result = evaluate(*args, **kwargs)  # Ends in float(): the eval is done.
+    result = evaluate(*args, **kwargs)  # Numpy arrays: the eval is done.
     end = time.perf_counter()
     common.log(f'[full loop] epoch {len(marks) + 1}/{epochs} done')
     if 'reference' not in found:  # Its set-up compiles: after epoch 1.
@@ -143,7 +155,7 @@ def full_loop(epochs: int, ref_steps: int) -> dict:
 
   workdir = tempfile.mkdtemp(prefix='allconv_throughput_')
   try:
-    with mock.patch.object(steps, 'make_train_step', capture_step), \
+    with mock.patch.object(steps, 'make_train_steps', capture_step), \
         mock.patch.object(steps, 'evaluate', timed_evaluate), \
         contextlib.redirect_stdout(io.StringIO()):  # The model summary.
       train.train_and_evaluate(config, workdir)

@@ -8,9 +8,10 @@
 Times, in float32 on random data in memory:
 
 * the train step at batch 128 and the eval step at batch 128 and 500 of this
-  library (`steps.make_train_step` / `steps.make_eval_step`, the paper's
-  All-CNN-C, SGD + momentum 0.9, weight decay 0.001, dropout; augmentation
-  off, since the PyTorch step has none), with the library's defaults (its
+  library (`common.LibrarySteps`: `steps.make_train_steps` with one step per
+  call / `steps.make_eval_step`, the paper's All-CNN-C, SGD + momentum 0.9,
+  weight decay 0.001, dropout; augmentation off, since the PyTorch step has
+  none), with the library's defaults (its
   XLA flags and ``conv_impl='auto'``, i.e. oneDNN's convolutions where they
   can be built), with XLA's convolutions (``conv_impl='subpixel'``), and
   with XLA's own defaults (``ALLCONV_XLA_DEFAULTS=0``,

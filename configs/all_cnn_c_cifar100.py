@@ -11,11 +11,14 @@ Expected result after 350 epochs: about 66% test accuracy (the paper reports
 add --config.dataset.label=coarse (20 superclasses).
 """
 
+import os
+
 from allconv_jax import config as base
 
 
 def get_config():
   """Returns the configuration of this experiment."""
-  config = base.paper('all_cnn_c')
+  # The paper's protocol (configs/paper.py, beside this file).
+  config = base.load(os.path.join(os.path.dirname(__file__), 'paper.py:all_cnn_c'))
   config.dataset.name = 'cifar100'
   return config

@@ -25,6 +25,8 @@ to stalling; `experiments/results/transfer_digits/` has the offline digits
 analogue.
 """
 
+import os
+
 from allconv_jax import config as base
 
 # The first reference's learning rates, run as a sweep.
@@ -34,7 +36,8 @@ SUBSETS = ('subset1', 'subset2')
 
 def get_config():
   """Returns the transfer configuration (middle learning rate, subset1)."""
-  config = base.paper('all_cnn_c')
+  # The paper's protocol (configs/paper.py, beside this file).
+  config = base.load(os.path.join(os.path.dirname(__file__), 'paper.py:all_cnn_c'))
   config.dataset.name = 'cifar100'
   config.dataset.classes = 'subset1'
   config.transfer.from_workdir = 'workdirs/all_cnn_c'

@@ -35,15 +35,18 @@ def by_variant(runs: list[dict]) -> list[tuple[str, list[dict]]]:
 
 
 def _mean_points(group: list[dict], key: str):
-  """Steps and the mean of `key` over the group's curves, where present."""
+  """Steps, and the mean and sample std (0 for one run) of `key` over the
+  group's curves, where present."""
   steps = [p['step'] for p in group[0]['curve'] if p[key] is not None]
-  means = [np.mean([next(p[key] for p in run['curve'] if p['step'] == step)
-                    for run in group]) for step in steps]
-  return steps, means
+  values = np.array([[next(p[key] for p in run['curve'] if p['step'] == step)
+                      for run in group] for step in steps])
+  std = values.std(axis=1, ddof=1) if len(group) > 1 else np.zeros(len(steps))
+  return steps, values.mean(axis=1), std
 
 
 def plot(runs, path, title):
-  """Loss and accuracy against step, one colour per variant (seed means)."""
+  """Loss and accuracy against step, one colour per variant: the mean over
+  seeds, and for the test curves a band of ± one sample std."""
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
   for index, (name, group) in enumerate(by_variant(runs)):
     color = f'C{index}'
@@ -52,11 +55,13 @@ def plot(runs, path, title):
         (ax_loss, 'test_loss', '--', 1, 'test'),
         (ax_acc, 'test_accuracy', '-', 100, 'test'),
         (ax_acc, 'train_accuracy', ':', 100, 'train')):
-      steps, means = _mean_points(group, key)
-      ax.plot(steps, [scale * m for m in means], style, color=color,
-              label=f'{name}, {what}')
+      steps, means, std = _mean_points(group, key)
+      ax.plot(steps, scale * means, style, color=color, label=f'{name}, {what}')
+      if what == 'test' and len(group) > 1:
+        ax.fill_between(steps, scale * (means - std), scale * (means + std),
+                        color=color, alpha=0.12, linewidth=0)
   seeds = len(by_variant(runs)[0][1])
-  mean = f', mean of {seeds} seeds' if seeds > 1 else ''
+  mean = f', mean of {seeds} seeds, test ± std' if seeds > 1 else ''
   ax_loss.set(xlabel='training step (batch)', ylabel='cross-entropy loss',
               title=f'loss (train: mean since previous point{mean})')
   ax_acc.set(xlabel='training step (batch)', ylabel='accuracy (%)',

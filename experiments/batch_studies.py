@@ -138,7 +138,7 @@ flags.DEFINE_enum('dataset', 'cifar10', ['cifar10', 'digits'],
 flags.DEFINE_string('archive', None,
                     'Local copy of the official cifar-10-binary.tar.gz.')
 flags.DEFINE_string('data_dir', None, 'tensorflow-datasets data directory.')
-flags.DEFINE_string('model', 'all_cnn_c', 'Network (allconv_jax.config.NETWORKS).')
+flags.DEFINE_string('model', 'all_cnn_c', 'Network (allconv_jax.models.NAMES).')
 flags.DEFINE_float('width', 1.0, 'Multiplier on the 96/192 channels.')
 flags.DEFINE_string('init', 'lsuv', 'Initializer of the studies that do not '
                     'vary it.')

@@ -29,8 +29,8 @@ matplotlib.use('Agg')  # Headless.
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 
-from allconv_jax import (config as config_lib, files, models, reporting,
-                         stopping, train)
+from allconv_jax import (config as config_lib, files, models, population,
+                         reporting, stopping, train)
 from allconv_jax.errors import UserError
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -165,32 +165,26 @@ def train_run(config, workdir: str) -> dict:
 
 
 def member_records(workdir: str, population_record: dict) -> list[dict]:
-  """The `load_run` record of each member of a finished population, diverged
-  if its loss ever became non-finite, with its ``learning_rate`` and ``seed``
-  (from its name) and ``workdir``; the population's wall time is shared
-  evenly. Needs only the members' metrics.csv and summary.json."""
-  members = os.path.join(workdir, 'members')
-  names = sorted(os.listdir(members)) if os.path.isdir(members) else []
+  """The `load_run` record of each member of a finished population
+  (`population.member_summaries`), diverged if its loss ever became
+  non-finite, with its ``learning_rate``, ``seed`` and ``workdir``; the
+  population's wall time is shared evenly."""
+  members = population.member_summaries(workdir)
   records = []
-  for name in names:
-    rows = reporting.read_csv(os.path.join(members, name, 'metrics.csv'))
-    diverged_at = int(rows[-1]['diverged_step']) if rows else -1
-    summary_path = os.path.join(members, name, 'summary.json')
-    summary = read_json(summary_path) if os.path.exists(summary_path) else None
-    rate, seed = name.removeprefix('lr').rsplit('_seed', 1)  # population.Member.name
+  for member in members:
+    diverged_at = member['diverged_step']
     if population_record['status'] == 'diverged' or diverged_at >= 0:
       step = (diverged_at if diverged_at >= 0
               else population_record['diverged']['step'])
       record = dict(status='diverged', summary=None, diverged=dict(
           step=step, message=f'non-finite loss at step {step}'))
     else:
-      record = dict(status='finished', diverged=None, summary=summary)
+      record = dict(status='finished', diverged=None, summary=member['summary'])
     seconds = population_record['seconds']
     records.append(dict(
-        record, rows=rows, learning_rate=float(rate), seed=int(seed),
-        workdir=os.path.relpath(
-            os.path.join(members, name), ROOT),
-        seconds=seconds and seconds / len(names)))
+        record, rows=member['rows'], learning_rate=member['learning_rate'],
+        seed=member['seed'], workdir=os.path.relpath(member['workdir'], ROOT),
+        seconds=seconds and seconds / len(members)))
   return records
 
 

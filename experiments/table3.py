@@ -46,10 +46,10 @@ import numpy as np
 from matplotlib import ticker
 from absl import app, flags
 
-from allconv_jax import config as config_lib, datasets, models, reporting, stopping
+from allconv_jax import datasets, models, reporting, stopping
 from allconv_jax.errors import UserError
 
-PAPER_TEST_ERROR = config_lib.PAPER_TEST_ERROR  # CIFAR-10 test error (%).
+PAPER = common.config_module('paper')  # Its protocol and Table 3.
 # 10% of CIFAR-10's training images, as is usual; 300 of the 1,347 digits
 # leave 30 per class to choose on and 1,047 to train on.
 VALIDATION_SIZE = {'cifar10': 5000, 'digits': 300}
@@ -62,11 +62,12 @@ flags.DEFINE_enum('dataset', 'digits', list(VALIDATION_SIZE),
 flags.DEFINE_string('archive', None, 'Local copy of the official cifar-10-binary.tar.gz.')
 flags.DEFINE_string('data_dir', None, 'tensorflow-datasets data directory.')
 flags.DEFINE_list('networks', list(models.NAMES), 'Networks to train.')
-flags.DEFINE_list('learning_rates', [f'{lr:g}' for lr in config_lib.PAPER_LEARNING_RATES],
+flags.DEFINE_list('learning_rates', [f'{lr:g}' for lr in PAPER.LEARNING_RATES],
                   'The learning-rate grid.')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of every (network, rate).')
 flags.DEFINE_float('width', 1.0, 'Multiplier on the 96/192 channels.')
 flags.DEFINE_integer('epochs', None, "Epochs per run (default: the paper's 350).")
+flags.DEFINE_integer('batch_size', None, "Training batch (default: the paper's 128).")
 flags.DEFINE_integer('validation_size', None, 'Training images held out to '
                      'choose the rate on (default, or 0: 5000 on cifar10, '
                      '300 on digits).')
@@ -102,17 +103,17 @@ def validation_size() -> int:
 
 
 def make_config(network: str, rates: list[float], seeds: list[int]):
-  """The paper's protocol; only data, width, epochs and validation change,
-  and every rate and seed is a member of one population."""
-  config = config_lib.paper(network)
+  """The paper's protocol; only data, width, epochs, batch and validation
+  change, and every rate and seed is a member of one population."""
+  config = PAPER.get_config(network)
   config.dataset.name = FLAGS.dataset
   config.dataset.archive = FLAGS.archive
   config.dataset.data_dir = FLAGS.data_dir
   config.dataset.classes = FLAGS.classes
   config.dataset.validation_size = validation_size()
   config.width = FLAGS.width
-  if FLAGS.epochs:
-    config.num_epochs = FLAGS.epochs
+  config.num_epochs = FLAGS.epochs or config.num_epochs
+  config.batch_size = FLAGS.batch_size or config.batch_size
   config.sweep.learning_rates, config.sweep.seeds = tuple(rates), tuple(seeds)
   # A diverged member is frozen and recorded; a population of diverged
   # members stops.
@@ -221,7 +222,7 @@ def tables(selection: dict, chance: float, margin: float,
     main.append(f"| {label(network)} | {chosen['learning_rate']:g} | "
                 f"{len(cell['seeds'])} | "
                 f"{common.format_mean_std(cell['validation'])} | "
-                f"{_error(cell['test'])} | {PAPER_TEST_ERROR[network]:.2f} |")
+                f"{_error(cell['test'])} | {PAPER.TEST_ERROR[network]:.2f} |")
   rates = sorted({lr for c in selection.values() for lr in c['grid']},
                  reverse=True)
   grid = ['Mean ± std over seeds of the final validation accuracy (%) at '
@@ -365,7 +366,7 @@ def main(argv):
           + ('' if decays == list(config.lr_boundaries) else
              f' (of which {len(decays)} fall within {epochs} epochs)')
           + f', {config.init} initialization; changed for this budget: '
-          'dataset, width, epochs, validation size only'),
+          'dataset, width, epochs, batch, validation size only'),
       'learning rates': ', '.join(f'{lr:g}' for lr in rates),
       'seeds': ', '.join(str(s) for s in seeds),
       'selection': ('per network, the rate with the highest mean final '

@@ -32,7 +32,7 @@ tx, _ = optimizers.make_optimizer(config, steps_per_epoch=100)
 
 def initial_state(model, seed=0):
   # Random parameters drawn with numpy, in the shapes of `model.init`:
-  # `steps.init_state` compiles the model's forward pass (~10 s here),
+  # `steps.init_states` compiles the model's forward pass (~10 s here),
   # which this test does not need to pay for.
   rng = np.random.default_rng(seed)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
@@ -61,6 +61,17 @@ def initial_state(model, seed=0):
 def on(mesh, tree):
   # A fresh replicated copy on `mesh` (the train step donates its arguments).
   return jax.device_put(tree, sharding.replicated(mesh))
+
+
+def one_step(model, mesh):
+  """`steps.make_train_steps`, one step on the whole given global batch."""
+  fn = steps.make_train_steps(model, tx, mesh, seed=0, max_shift=0, flip=False)
+
+  def step(state, metrics, x, y):
+    indices, = sharding.global_batch(
+        mesh, np.arange(y.shape[0], dtype=np.int32)[:, None])
+    return fn(state, metrics, x, y, indices, 1)
+  return step
 
 
 def empty_metrics(mesh):
@@ -111,8 +122,7 @@ for batch_norm in (False, True):
   init = initial_state(model)
   new, metrics = {}, {}
   for name, mesh in (('n', mesh_n), ('1', mesh_1)):
-    step = steps.make_train_step(model, tx, mesh, seed=0, max_shift=0,
-                                 flip=False)
+    step = one_step(model, mesh)
     x, y = sharding.global_batch(mesh, images, labels)
     assert len(x.sharding.device_set) == mesh.size
     state, m = step(on(mesh, init), empty_metrics(mesh), x, y)
@@ -154,8 +164,7 @@ class PerDeviceLogits:
 same_x, same_y = sharding.global_batch(
     mesh_n, np.repeat(images[:1], N, axis=0), np.repeat(labels[:1], N))
 model = models.create('all_cnn_c', 10, width=WIDTH, dropout=True)
-step = steps.make_train_step(PerDeviceLogits(model), tx, mesh_n, seed=0,
-                             max_shift=0, flip=False)
+step = one_step(PerDeviceLogits(model), mesh_n)
 init = initial_state(model)
 runs = {}
 for name, state in (('a', init), ('b', init),

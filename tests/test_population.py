@@ -135,6 +135,14 @@ def test_each_member_is_a_run_of_its_own(runs):
         r['member'] for r in table]
   assert (base / 'pop' / 'members.png').stat().st_size > 0
   assert not (base / 'pop' / 'metrics.csv').exists()
+  # The library's reading of a finished population, for the experiments.
+  read = population.member_summaries(str(base / 'pop'))
+  assert sorted((m['seed'], m['learning_rate']) for m in read) == sorted(
+      (m.seed, m.learning_rate) for m in population.members(_config(SEEDS, RATES)))
+  by_name = {r['member']: r for r in table}
+  for member in read:
+    assert member['summary']['selected_step'] == by_name[member['name']]['selected_step']
+    assert member['rows'] == _rows(member['workdir']) and member['diverged_step'] == -1
 
 
 def test_eval_visualize_and_transfer_load_one_member(runs, capsys, tmp_path):

@@ -44,19 +44,20 @@ def test_without_a_bar_lines_give_the_rate_and_eta(monkeypatch):
 
 
 def test_curves_are_redrawn_at_most_every_30_s_and_at_the_end(monkeypatch, tmp_path):
-  from allconv_jax import history  # pylint: disable=g-import-not-at-top
+  from allconv_jax import history, selection, writers  # pylint: disable=g-import-not-at-top
   drawn, clock = [], iter([0.0, 0.0, 10.0, 31.0, 31.0, 40.0, 41.0])
-  monkeypatch.setattr(history.time, 'monotonic', lambda: next(clock))
+  monkeypatch.setattr(writers.time, 'monotonic', lambda: next(clock))
   monkeypatch.setattr(reporting, 'plot_curves', lambda rows, *_, **__: drawn.append(
       rows[-1]['step']))
   run = types.SimpleNamespace(
-      workdir=str(tmp_path), total_steps=50, data=types.SimpleNamespace(validation=None),
+      workdir=str(tmp_path), total_steps=50,
+      selection=selection.Selection(has_validation=False, moving_average=False),
       config=ml_collections.ConfigDict(dict(model='m', dataset=dict(name='d'))),
       batches=types.SimpleNamespace(steps_per_epoch=10))
-  record = history.History(run, None, is_writer=True)
+  record = history.History(run, None, writers.for_run(run, str(tmp_path), log=False))
   for step in (10, 20, 30, 40, 50):  # At t = 0, 10, 31, 40 and 41 s.
     record.add(dict(dict.fromkeys(reporting.COLUMNS, 0.5), epoch=step // 10, step=step))
-    record.write(record.rows[-1], log=False)
+    record.write()
   assert drawn == [10, 30, 50]
   assert [r['step'] for r in reporting.read_csv(tmp_path / 'metrics.csv')] == [
       10, 20, 30, 40, 50]

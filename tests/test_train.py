@@ -193,14 +193,15 @@ def test_preprocessing_is_fitted_on_the_training_images_only(trained):
 
 def test_selection_follows_validation_not_test(tmp_path, monkeypatch):
   """Validation accuracy falls while test accuracy rises: epoch 1 is selected."""
-  from allconv_jax import checkpoints, steps, train  # pylint: disable=g-import-not-at-top
+  from allconv_jax import checkpoints, selection, steps, train  # pylint: disable=g-import-not-at-top
   config = load_config('digits.py')
   config.width, config.num_epochs, config.dataset.classes = 0.25, 2, '0,1,2,3,4'
   scripted = {'validation': [0.9, 0.5], 'test': [0.3, 0.8]}
   real_evaluate = steps.evaluate
 
-  def evaluate(eval_step, state, mesh, images, labels, batch_size):
-    measured = real_evaluate(eval_step, state, mesh, images, labels, batch_size)
+  def evaluate(eval_step, state, mesh, images, labels, batch_size, **kwargs):
+    measured = real_evaluate(eval_step, state, mesh, images, labels, batch_size,
+                             **kwargs)
     split = 'validation' if len(labels) == config.dataset.validation_size else 'test'
     return dict(measured, accuracy=scripted[split].pop(0))
 
@@ -210,7 +211,7 @@ def test_selection_follows_validation_not_test(tmp_path, monkeypatch):
   assert summary['selected_epoch'] == 1 and summary['selected_test_accuracy'] == 0.3
   assert summary['final_test_accuracy'] == 0.8
   best = workdir / 'checkpoints' / 'best'
-  assert checkpoints.selected_dir(str(workdir)) == str(best)
+  assert selection.checkpoint_dir(str(workdir)) == str(best)
   assert checkpoints.latest_step(str(best)) == summary['selected_step']
   with open(best / str(summary['selected_step']) / 'meta' / 'metadata') as f:
     meta = json.load(f)

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from allconv_jax import (checkpoints, config as config_lib, history, models,
-                         reporting, sharding, steps)
+from allconv_jax import (checkpoints, config as config_lib, models,
+                         reporting, selection, sharding, steps)
 
 NUM_CLASSES = 5
 BATCH = 8
@@ -39,13 +39,17 @@ def _batch(seed):
 
 def _start(model, tx, ema_decay):
   mesh = sharding.make_mesh()
-  state = steps.with_ema(steps.init_state(model, tx, 0, mesh), ema_decay)
+  state = steps.with_ema(steps.init_states(model, tx, [0], mesh)[0], ema_decay)
   return mesh, state, steps.TrainMetrics.empty()
 
 
 def _step(model, tx, mesh, **options):
-  return steps.make_train_step(model, tx, mesh, seed=0, max_shift=0, flip=False,
-                               **options)
+  """One step on the whole given batch, as the training loop builds it."""
+  fn = steps.make_train_steps(model, tx, mesh, seed=0, max_shift=0, flip=False,
+                              **options)
+  indices, = sharding.global_batch(mesh, np.arange(BATCH, dtype=np.int32)[:, None])
+  return lambda state, metrics, images, labels: fn(
+      state, metrics, images, labels, indices, 1)
 
 
 def test_label_smoothing_trains_on_the_smoothed_targets():
@@ -100,18 +104,29 @@ def test_with_a_moving_average_its_validation_accuracy_selects():
           _row(3, 0.7, 0.7, 0.71, 0.72)]
   config = config_lib.defaults()
   config.ema_decay = 0.99
-  prefix = history.weights_prefix(config)
-  best = dict(accuracy=0.8, epoch=2)  # As History.add keeps it.
-  out = reporting.summary(rows, best, True, prefix)
+
+  def best_epoch(rule):  # As History.add keeps it.
+    best = dict(accuracy=-1.0, epoch=0)
+    for row in rows:
+      if rule.improves(row, best['accuracy']):
+        best = dict(accuracy=rule.score(row), epoch=row['epoch'])
+    return best['epoch']
+
+  rule = selection.of(config, has_validation=True)
+  assert rule.prefix == 'ema_' and best_epoch(rule) == 2
+  out = rule.summary(rows, best_epoch(rule))
   assert out['weights'] == 'moving_average'
   assert (out['selected_epoch'], out['selected_validation_accuracy'],
           out['selected_test_accuracy'], out['selected_test_flip_accuracy']) == (
               2, 0.8, 0.82, 0.83)
   assert out['final_test_accuracy'] == 0.72
   config.ema_decay = 0.0
-  assert history.weights_prefix(config) == ''
-  assert reporting.summary(rows, dict(accuracy=0.9, epoch=1), True)[
-      'selected_test_accuracy'] == 0.91
+  rule = selection.of(config, has_validation=True)
+  assert rule.prefix == '' and best_epoch(rule) == 1
+  assert rule.summary(rows, best_epoch(rule))['selected_test_accuracy'] == 0.91
+  # Without a validation split the final row stands.
+  rule = selection.of(config, has_validation=False)
+  assert best_epoch(rule) == 0 and rule.summary(rows, 0)['selected_epoch'] == 3
 
 
 def test_csv_keeps_the_extra_columns_before_seconds(tmp_path):
