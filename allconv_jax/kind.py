@@ -124,7 +124,7 @@ class Single:
 
   def record(self, run, resumed, is_writer):
     return history.History(run, resumed,
-                           writers.for_run(run, run.workdir) if is_writer else ())
+                           writers.for_run(run, run.workdir, files_too=is_writer))
 
   def run_dirs(self, workdir, config):
     return [(workdir, config)]

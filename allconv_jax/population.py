@@ -254,15 +254,22 @@ class Records:
   """
 
   def __init__(self, run, resumed: dict | None, is_writer: bool):
-    self.run, self.is_writer = run, is_writer
-    self.clock = writers.PlotClock(run.total_steps)  # The members' plots go together.
+    self.run = run
+    clock = writers.PlotClock(run.total_steps)  # The members' plots go together.
     self.members = []
     for k, m in enumerate(run.kind.members):
       directory = member_dir(run.workdir, m)
       self.members.append(history.History(
           run, resumed and dict(resumed, **resumed['member_histories'][k]),
-          writers.for_run(run, directory, self.clock, log=False) if is_writer else (),
+          writers.for_run(run, directory, files_too=is_writer, clock=clock, log=False),
           workdir=directory))
+    self.writers = [writers.PopulationLogLine(run.epochs, run.batches.steps_per_epoch,
+                                              run.total_steps)]
+    if is_writer:
+      self.writers += [writers.MembersPlot(
+          run.workdir, f'{run.config.model} on {run.config.dataset.name}: '
+          f'{len(self.members)} members', [m.name for m in run.kind.members], clock),
+                       writers.Ranking(run.workdir)]
     self.checkpoints = [checkpoints.Checkpoints(h.workdir, keep=1) for h in self.members]
     if resumed:  # Recomputed exactly by the resumed run.
       for c in self.checkpoints:
@@ -306,29 +313,12 @@ class Records:
     self.run.checkpoints.wait()
 
   def write(self) -> None:
-    """Each member's files of the row just added, and one log line for the
-    population."""
-    row = self.members[0].rows[-1]
-    timing = writers.timing(self.members[0], self.run.batches.steps_per_epoch,
-                            self.run.total_steps)
-    plot = self.clock.due(row['step'])
+    """The population's writers (its log line and plot, before the members
+    start their next period), then each member's."""
+    for writer in self.writers:
+      writer.write(self)
     for h in self.members:
       h.write()
-    if self.is_writer and plot:
-      reporting.plot_members(
-          {m.name: h.rows for m, h in zip(self.run.kind.members, self.members)},
-          os.path.join(self.run.workdir, files.MEMBERS_PLOT),
-          f'{self.run.config.model} on {self.run.config.dataset.name}: '
-          f'{len(self.members)} members')
-    # The member selected so far: by validation, else by training loss.
-    scores = [h.best['accuracy'] if h.has_validation else -h.rows[-1]['train_loss']
-              for h in self.members]
-    best = self.members[int(np.argmax(np.nan_to_num(scores, nan=-np.inf)))]
-    diverged = sum(h.rows[-1]['diverged_step'] >= 0 for h in self.members)
-    logging.info('epoch %g/%g  %d members (%d diverged), leading %s: %s  %s',
-                 row['epoch'], self.run.epochs,
-                 len(self.members), diverged, os.path.basename(best.workdir),
-                 reporting.epoch_line(best.rows[-1], best.best), timing)
 
   def write_confusion(self, counts: np.ndarray, class_names, step: int) -> None:
     for k, h in enumerate(self.members):
@@ -354,11 +344,7 @@ class Records:
                    best_member=table[0]['member'] if has_validation else None,
                    members=table)
     rows = self.members[0].rows
-    if self.is_writer and rows and rows[-1]['step'] == self.run.total_steps:
-      files.write_json(os.path.join(self.run.workdir, files.SUMMARY), summary)
-      reporting.write_table(os.path.join(self.run.workdir, files.RANKING), table)
-      logging.info('Members%s:\n%s', ', best by validation accuracy first'
-                   if has_validation else '', reporting.format_table(table, [
-                       'member', 'selected_validation_accuracy',
-                       'selected_test_accuracy', 'diverged_step']))
+    complete = bool(rows) and rows[-1]['step'] == self.run.total_steps
+    for writer in self.writers:
+      writer.finish(summary, complete)
     return summary

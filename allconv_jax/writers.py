@@ -134,15 +134,70 @@ class LogLine(Writer):
                  timing(record, self.steps_per_epoch, self.total_steps))
 
 
-def for_run(run, workdir: str, clock: PlotClock | None = None,
+def for_run(run, workdir: str, *, files_too: bool, clock: PlotClock | None = None,
             log: bool = True) -> list[Writer]:
-  """The writers of a run's directory: its CSV, TensorBoard, curves
-  (drawn by `clock`, by default the run's own), per-class files and
-  summary, and (with `log`) the log line."""
-  os.makedirs(workdir, exist_ok=True)
-  title = f'{run.config.model} on {run.config.dataset.name}'
-  out = [Csv(workdir), TensorBoard(workdir),
-         Curves(workdir, title, clock or PlotClock(run.total_steps)), Outcome(workdir)]
+  """The writers of a run: with `files_too` (the writing process) its
+  directory's CSV, TensorBoard, curves (drawn by `clock`, by default the
+  run's own), per-class files and summary; with `log` the log line."""
+  out = []
+  if files_too:
+    os.makedirs(workdir, exist_ok=True)
+    title = f'{run.config.model} on {run.config.dataset.name}'
+    out += [Csv(workdir), TensorBoard(workdir),
+            Curves(workdir, title, clock or PlotClock(run.total_steps)), Outcome(workdir)]
   if log:
     out.append(LogLine(run.epochs, run.batches.steps_per_epoch, run.total_steps))
   return out
+
+
+class MembersPlot(Writer):
+  """A population's ``members.png``: every member's curves, drawn when the
+  members' curves are (`clock`)."""
+
+  def __init__(self, workdir: str, title: str, names: list[str], clock: PlotClock):
+    self.path = os.path.join(workdir, files.MEMBERS_PLOT)
+    self.title, self.names, self.clock = title, names, clock
+
+  def write(self, record):
+    if self.clock.due(record.members[0].rows[-1]['step']):
+      reporting.plot_members({n: h.rows for n, h in zip(self.names, record.members)},
+                             self.path, self.title)
+
+
+class PopulationLogLine(Writer):
+  """One log line per row of a population: the member selected so far (by
+  validation, else by training loss), how many diverged, speed and ETA."""
+
+  def __init__(self, epochs: float, steps_per_epoch: int, total_steps: int):
+    self.epochs, self.steps_per_epoch, self.total_steps = (
+        epochs, steps_per_epoch, total_steps)
+
+  def write(self, record):
+    members = record.members
+    scores = [h.best['accuracy'] if h.has_validation else -h.rows[-1]['train_loss']
+              for h in members]
+    best = members[int(np.argmax(np.nan_to_num(scores, nan=-np.inf)))]
+    diverged = sum(h.rows[-1]['diverged_step'] >= 0 for h in members)
+    logging.info('epoch %g/%g  %d members (%d diverged), leading %s: %s  %s',
+                 members[0].rows[-1]['epoch'], self.epochs, len(members), diverged,
+                 os.path.basename(best.workdir),
+                 reporting.epoch_line(best.rows[-1], best.best),
+                 timing(members[0], self.steps_per_epoch, self.total_steps))
+
+
+class Ranking(Writer):
+  """Once a population completes: its ``summary.json``, ``members.csv`` (the
+  members ranked) and the ranking in the log."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+
+  def finish(self, summary, complete):
+    if not complete:
+      return
+    files.write_json(os.path.join(self.workdir, files.SUMMARY), summary)
+    reporting.write_table(os.path.join(self.workdir, files.RANKING), summary['members'])
+    logging.info('Members%s:\n%s', ', best by validation accuracy first'
+                 if summary['selection'] else '', reporting.format_table(
+                     summary['members'], ['member', 'selected_validation_accuracy',
+                                          'selected_test_accuracy', 'diverged_step']))

@@ -54,7 +54,8 @@ def test_curves_are_redrawn_at_most_every_30_s_and_at_the_end(monkeypatch, tmp_p
       selection=selection.Selection(has_validation=False, moving_average=False),
       config=ml_collections.ConfigDict(dict(model='m', dataset=dict(name='d'))),
       batches=types.SimpleNamespace(steps_per_epoch=10))
-  record = history.History(run, None, writers.for_run(run, str(tmp_path), log=False))
+  record = history.History(run, None, writers.for_run(run, str(tmp_path), files_too=True,
+                                                      log=False))
   for step in (10, 20, 30, 40, 50):  # At t = 0, 10, 31, 40 and 41 s.
     record.add(dict(dict.fromkeys(reporting.COLUMNS, 0.5), epoch=step // 10, step=step))
     record.write()
