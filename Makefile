@@ -15,8 +15,8 @@ train: $(STAMP)
 	$(PY) -m allconv_jax.main --config=configs/digits.py --workdir=workdirs/digits
 
 # Two workers, one test file each: compiling is single-threaded, so a second
-# worker overlaps it with the other's XLA work (13 min 42 s and 15 min 41 s,
-# 359-360 tests, in two fresh CI checkouts on 2 cores, 2026-12-07).
+# worker overlaps it with the other's XLA work (13 min 20 s to 15 min 41 s,
+# 359-360 tests, in three fresh CI checkouts on 2 cores, 2026-12-07).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
