@@ -68,8 +68,9 @@ class Kind(Protocol):
   def eval_step(self, model, mesh, *, flip: bool):
     """The jitted evaluation step (see `steps.eval_step`)."""
 
-  def compute(self, collection) -> dict[str, np.ndarray]:
-    """A clu collection's values, on the host."""
+  def compute(self, collection) -> dict[str, jax.Array]:
+    """A clu collection's values (of each member for a population's); the
+    callers bring them to the host."""
 
   def diverged_step(self, state, train_metrics: steps.TrainMetrics) -> int:
     """The step at which training diverged, or -1 (see ``halt_on_nan``)."""
@@ -112,7 +113,7 @@ class Single:
     return steps.make_eval_step(model, mesh, flip=flip)
 
   def compute(self, collection):
-    return jax.tree.map(np.asarray, collection.compute())
+    return collection.compute()
 
   def diverged_step(self, state, train_metrics):
     del state

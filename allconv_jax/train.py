@@ -47,13 +47,17 @@ class Setup:
   workdir: str
   data: datasets.Dataset
   mesh: jax.sharding.Mesh
-  batches: input_pipeline.TrainBatches
   model: models.AllConvNet
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   checkpoints: checkpoints.Checkpoints
   kind: kind_lib.Kind
   selection: selection_lib.Selection
+
+  @property
+  def batches(self):
+    """The kind's batches (`input_pipeline.TrainBatches` or a population's)."""
+    return self.kind.batches
 
   @property
   def architecture(self) -> dict:
@@ -95,7 +99,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   if config.transfer.from_workdir and config.transfer.freeze:
     tx = transfer.freeze(tx, steps.abstract_variables(model)['params'],
                          transfer.patterns(config.transfer.reinit))
-  run = Setup(config, workdir, data, sharding.make_mesh(), kind.batches, model, tx,
+  run = Setup(config, workdir, data, sharding.make_mesh(), model, tx,
               schedule, checkpoints.Checkpoints(workdir, keep=config.checkpoint_keep),
               kind, selection_lib.of(config, data.validation is not None))
   checkpoints.check_architecture(run.checkpoints.latest_dir, run.architecture)

@@ -164,13 +164,9 @@ class MembersPlot(Writer):
                              self.path, self.title)
 
 
-class PopulationLogLine(Writer):
+class PopulationLogLine(LogLine):
   """One log line per row of a population: the member selected so far (by
   validation, else by training loss), how many diverged, speed and ETA."""
-
-  def __init__(self, epochs: float, steps_per_epoch: int, total_steps: int):
-    self.epochs, self.steps_per_epoch, self.total_steps = (
-        epochs, steps_per_epoch, total_steps)
 
   def write(self, record):
     members = record.members
