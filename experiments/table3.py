@@ -18,7 +18,8 @@ Each network's runs, every (rate, seed), train together as one population
 ``members/lr<rate>_seed<seed>/``; a member whose loss becomes non-finite is
 frozen and counted as diverged. The same command skips finished networks and
 resumes interrupted ones. Writes to `--out`: ``results.md``, ``table3.png``
-(mean validation accuracy per epoch, per network and rate), ``results.json``
+(mean validation accuracy per epoch, per network and rate), ``table3_bars.png``
+(each network's test error beside the paper's), ``results.json``
 (every run's summary, rows and the selection) and a ``.gitignore``.
 
 CIFAR-10, the paper's protocol (350 epochs per run, 5,000 validation images,
@@ -40,10 +41,9 @@ import sys
 import time
 
 import common
+import table3_report as report
 
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import ticker
 from absl import app, flags
 
 from allconv_jax import datasets, models, reporting, stopping
@@ -53,8 +53,6 @@ PAPER = common.config_module('paper')  # Its protocol and Table 3.
 # 10% of CIFAR-10's training images, as is usual; 300 of the 1,347 digits
 # leave 30 per class to choose on and 1,047 to train on.
 VALIDATION_SIZE = {'cifar10': 5000, 'digits': 300}
-_PREFIX = {'model': 'Model ', 'strided_cnn': 'Strided-CNN-',
-           'convpool_cnn': 'ConvPool-CNN-', 'all_cnn': 'All-CNN-'}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('dataset', 'digits', list(VALIDATION_SIZE),
@@ -68,6 +66,9 @@ flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of every (network, rate).')
 flags.DEFINE_float('width', 1.0, 'Multiplier on the 96/192 channels.')
 flags.DEFINE_integer('epochs', None, "Epochs per run (default: the paper's 350).")
 flags.DEFINE_integer('batch_size', None, "Training batch (default: the paper's 128).")
+flags.DEFINE_bool('scale_schedule', True, "With --epochs: move the paper's "
+                  'decays (epochs 200, 250, 300 of 350) to the same fractions '
+                  'of the budget.')
 flags.DEFINE_integer('validation_size', None, 'Training images held out to '
                      'choose the rate on (default, or 0: 5000 on cifar10, '
                      '300 on digits).')
@@ -86,20 +87,16 @@ flags.DEFINE_string('compilation_cache', os.path.join(
                     "cache ('': off).")
 
 
-def label(network: str) -> str:
-  variant, base = network.rsplit('_', 1)  # 'all_cnn_c' -> 'All-CNN-C'.
-  return _PREFIX[variant] + base.upper()
-
-
-def table_order(networks) -> list[str]:
-  """The paper's order: by base model, then plain, Strided, ConvPool, All."""
-  variants = list(_PREFIX)
-  return sorted(networks, key=lambda n: (n.rsplit('_', 1)[1],
-                                         variants.index(n.rsplit('_', 1)[0])))
-
-
 def validation_size() -> int:
   return FLAGS.validation_size or VALIDATION_SIZE[FLAGS.dataset]
+
+
+def scaled_boundaries(boundaries, epochs: int, paper_epochs: int) -> tuple:
+  """The decay epochs at the same fractions of `epochs` as of the paper's
+  `paper_epochs`; unchanged where so few epochs would merge two decays."""
+  scaled = tuple(round(b * epochs / paper_epochs) for b in boundaries)
+  ordered = all(a < b for a, b in zip((0, *scaled), scaled))
+  return scaled if ordered else tuple(boundaries)
 
 
 def make_config(network: str, rates: list[float], seeds: list[int]):
@@ -112,6 +109,9 @@ def make_config(network: str, rates: list[float], seeds: list[int]):
   config.dataset.classes = FLAGS.classes
   config.dataset.validation_size = validation_size()
   config.width = FLAGS.width
+  if FLAGS.epochs and FLAGS.scale_schedule:
+    config.lr_boundaries = scaled_boundaries(
+        config.lr_boundaries, FLAGS.epochs, config.num_epochs)
   config.num_epochs = FLAGS.epochs or config.num_epochs
   config.batch_size = FLAGS.batch_size or config.batch_size
   config.sweep.learning_rates, config.sweep.seeds = tuple(rates), tuple(seeds)
@@ -185,7 +185,7 @@ def select(runs: list[dict], rates: list[float], chance: float,
   to be reported, never compared.
   """
   selection = {}
-  for network in table_order({r['network'] for r in runs}):
+  for network in report.table_order({r['network'] for r in runs}):
     grid = {}
     for lr in rates:
       cell = [r for r in runs if r['network'] == network and
@@ -205,100 +205,6 @@ def select(runs: list[dict], rates: list[float], chance: float,
   return selection
 
 
-def _error(accuracies) -> str:
-  return common.format_mean_std([1 - a for a in accuracies], digits=2)
-
-
-def tables(selection: dict, chance: float, margin: float,
-           dataset: str) -> list[str]:
-  """The Markdown blocks: selected rates, the whole grid, the failures."""
-  paper_column = ('paper, CIFAR-10 (other data: orientation only)'
-                  if dataset != 'cifar10' else 'paper')
-  main = [f'| network | rate (chosen on validation) | seeds | final '
-          f'validation acc. (%) | final test error (%) | {paper_column}: '
-          'test error (%) |', '|---|---:|---:|---:|---:|---:|']
-  for network, chosen in selection.items():
-    cell = chosen['grid'][chosen['learning_rate']]
-    main.append(f"| {label(network)} | {chosen['learning_rate']:g} | "
-                f"{len(cell['seeds'])} | "
-                f"{common.format_mean_std(cell['validation'])} | "
-                f"{_error(cell['test'])} | {PAPER.TEST_ERROR[network]:.2f} |")
-  rates = sorted({lr for c in selection.values() for lr in c['grid']},
-                 reverse=True)
-  grid = ['Mean ± std over seeds of the final validation accuracy (%) at '
-          'every rate; the chosen rate in bold; [d: runs that diverged, c: '
-          'runs that never left chance]:', '',
-          '| network | ' + ' | '.join(f'lr {lr:g}' for lr in rates) + ' |',
-          '|---|' + '---:|' * len(rates)]
-  for network, chosen in selection.items():
-    cells = []
-    for lr in rates:
-      cell = chosen['grid'].get(lr)
-      if cell is None:
-        cells.append('-')
-        continue
-      text = common.format_mean_std(cell['validation'])
-      if lr == chosen['learning_rate']:
-        text = f'**{text}**'
-      marks = [f'{n} {k}' for n, k in ((len(cell['diverged']), 'd'),
-                                       (len(cell['at_chance']), 'c')) if n]
-      cells.append(text + (f" [{', '.join(marks)}]" if marks else ''))
-    grid.append(f'| {label(network)} | ' + ' | '.join(cells) + ' |')
-  cells = [c for s in selection.values() for c in s['grid'].values()]
-  runs = sum(len(c['seeds']) for c in cells)
-  diverged = sum(len(c['diverged']) for c in cells)
-  stuck = sum(len(c['at_chance']) for c in cells)
-  failures = (f'Of {runs} runs, {diverged} diverged (a non-finite loss; '
-              'counted as chance accuracy, '
-              f'{100 * chance:.0f}%, in the means) and {stuck} finished at '
-              f'most {100 * margin:.0f} points above chance in final '
-              'validation accuracy. Errors are 100 - accuracy; the std is '
-              'the sample std (n - 1) over seeds.')
-  return ['\n'.join(main), '\n'.join(grid), failures]
-
-
-def plot(runs: list[dict], selection: dict, chance: float, path: str,
-         title: str) -> None:
-  """Mean validation accuracy per epoch per rate, one panel per network."""
-  columns = min(4, len(selection))
-  rows = math.ceil(len(selection) / columns)
-  fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows),
-                           squeeze=False)
-  rates = sorted({r['learning_rate'] for r in runs}, reverse=True)
-  for ax, (network, chosen) in zip(axes.flat, selection.items()):
-    for index, lr in enumerate(rates):
-      cell = [r['rows'] for r in runs if r['network'] == network and
-              math.isclose(r['learning_rate'], lr)]
-      epochs, means = common.mean_curve(cell, 'validation_accuracy')
-      grid = chosen['grid'].get(lr, {})
-      name = f'lr {lr:g}' + (f" ({len(grid['diverged'])} div.)"
-                             if grid.get('diverged') else '')
-      ax.plot(epochs, [100 * m for m in means], color=f'C{index}',
-              marker='o', markersize=2, label=name,
-              linewidth=2.5 if lr == chosen['learning_rate'] else 1)
-    ax.axhline(100 * chance, color='grey', linestyle=':', linewidth=1)
-    ax.set(title=label(network), xlabel='epoch',
-           ylabel='validation acc. (%)', ylim=(0, 100))
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-  for ax in axes.flat[len(selection):]:
-    ax.axis('off')
-  common.save_figure(fig, path, title)
-
-
-def write_gitignore(out: str) -> None:
-  """Keeps each run's small text files; checkpoints and the rest stay out."""
-  with open(os.path.join(out, '.gitignore'), 'w') as f:
-    f.write('runs/*/*\n' + ''.join(
-        f'!runs/*/{name}\n' for name in ('summary.json', 'diverged.json',
-                                         'runner.json', 'members.csv',
-                                         'members/'))
-            + 'runs/*/members/*/*\n' + ''.join(
-                f'!runs/*/members/*/{name}\n' for name in (
-                    'metrics.csv', 'summary.json', 'config.json')))
-
-
 def main(argv):
   del argv
   unknown = [n for n in FLAGS.networks if n not in models.NAMES]
@@ -312,7 +218,7 @@ def main(argv):
     raise app.UsageError(f'--learning_rates or --seeds: {e}')
   out = common.results_dir(f'table3_{FLAGS.dataset}')
   root = FLAGS.runs_dir or os.path.join(out, 'runs')
-  networks = table_order(FLAGS.networks)
+  networks = report.table_order(FLAGS.networks)
   config = make_config(networks[0], rates, seeds)
   common.enable_compilation_cache(FLAGS.compilation_cache)
   begin = time.time()
@@ -348,7 +254,7 @@ def main(argv):
                '(stratified by class, the same for every seed, never trained '
                f'on); {len(data.test.labels)} test images; '
                f'{data.num_classes} classes (chance {100 * chance:.0f}%)'),
-      'networks': ', '.join(label(n) for n in selection),
+      'networks': ', '.join(report.label(n) for n in selection),
       'width': f"{FLAGS.width:g} x the paper's 96/192 channels",
       'budget': (f'{epochs} epochs per run ({steps} steps of '
                  f'{config.batch_size}), {len(networks) * len(rates) * len(seeds)} '
@@ -363,10 +269,13 @@ def main(argv):
           f"paper's dropout, SGD momentum {config.momentum:g}, weight decay "
           f'{config.weight_decay:g}, batch {config.batch_size}, lr '
           f'x{config.lr_decay:g} at epochs {tuple(config.lr_boundaries)}'
+          + (f" (the paper's 200, 250, 300 of 350 scaled to {epochs})"
+             if tuple(config.lr_boundaries) != (200, 250, 300) else '')
           + ('' if decays == list(config.lr_boundaries) else
              f' (of which {len(decays)} fall within {epochs} epochs)')
           + f', {config.init} initialization; changed for this budget: '
-          'dataset, width, epochs, batch, validation size only'),
+          'dataset, width, epochs (the decays with them), batch, validation '
+          'size only'),
       'learning rates': ', '.join(f'{lr:g}' for lr in rates),
       'seeds': ', '.join(str(s) for s in seeds),
       'selection': ('per network, the rate with the highest mean final '
@@ -381,14 +290,15 @@ def main(argv):
   on = 'CIFAR-10' if FLAGS.dataset == 'cifar10' else FLAGS.dataset
   title = (f"Table 3 (the paper's protocol) on {on}: width {FLAGS.width:g}, "
            f'{epochs} epochs, {len(seeds)} seeds')
-  plot(runs, selection, chance, os.path.join(out, 'table3.png'), title)
-  write_gitignore(out)
+  report.plot(runs, selection, chance, os.path.join(out, 'table3.png'), title)
+  report.bars(selection, os.path.join(out, 'table3_bars.png'), title, FLAGS.dataset)
+  report.write_gitignore(out)
   common.write_results(
       out, title=title, script='table3.py', setup=setup,
       # The command that trains the runs, even when this one only reports.
       command_line=common.command('table3.py').replace(' --report_only', ''),
-      tables=tables(selection, chance, FLAGS.chance_margin, FLAGS.dataset),
-      images=['table3.png'],
+      tables=report.tables(selection, chance, FLAGS.chance_margin, FLAGS.dataset),
+      images=['table3.png', 'table3_bars.png'],
       data=dict(selection={n: dict(s, grid={f'{lr:g}': c for lr, c in
                                             s['grid'].items()})
                            for n, s in selection.items()},

@@ -73,6 +73,7 @@ def test_table3_trains_and_records_a_divergence(tmp_path):
   markdown = (out / 'results.md').read_text()
   assert 'Of 2 runs, 1 diverged' in markdown
   assert (out / 'table3.png').stat().st_size > 0
+  assert (out / 'table3_bars.png').stat().st_size > 0
   # Only the small files of each run are meant for git.
   assert '!runs/*/members/*/summary.json' in (out / '.gitignore').read_text()
 
@@ -248,3 +249,17 @@ def test_init_study_replots_its_committed_results(tmp_path):
   steps = len([c for c in before[0] if c.startswith('step')])
   columns = steps + 1  # The variant's name and its accuracies.
   assert [r[:columns] for r in rows[1:]] == [r[:columns] for r in before[1:]]
+
+
+def test_table3_moves_the_papers_decays_to_the_same_fractions_of_a_budget():
+  # The paper: x0.1 after epochs 200, 250 and 300 of 350 (its Section 3.1).
+  code = ('import table3; print([table3.scaled_boundaries((200, 250, 300), e, 350) '
+          'for e in (350, 60, 7, 5, 1)])')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, text=True,
+                          capture_output=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH='experiments'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  # 200/350 of 60 epochs is 34.3; at 5 epochs or fewer two decays would fall
+  # on one epoch, so the paper's stay (none within the budget).
+  assert result.stdout.split('\n')[0] == str(
+      [(200, 250, 300), (34, 43, 51), (4, 5, 6), (200, 250, 300), (200, 250, 300)])
