@@ -39,7 +39,6 @@ class History:
     self.run, self.writers = run, list(writers)
     self.workdir = workdir or run.workdir
     self.selection = run.selection
-    self.has_validation = self.selection.has_validation
     self.rows = resumed['history'] if resumed else []
     self.best = (dict(accuracy=resumed['best_validation_accuracy'],
                       epoch=resumed['best_epoch']) if resumed

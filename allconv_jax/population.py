@@ -296,14 +296,14 @@ class Records:
     arch = {k: v for k, v in self.run.architecture.items() if k != 'sweep'}
     if is_best is not None:
       for k, (h, member) in enumerate(zip(self.members, self.run.kind.members)):
-        if is_best[k] or not h.has_validation:
+        if is_best[k] or not h.selection.has_validation:
           meta = history.checkpoint_meta(
               self.run, step, arch, **h.meta(), seed=member.seed,
               learning_rate=member.learning_rate,
               diverged_step=int(state.diverged_at[k]))
           self.checkpoints[k].save(step, dict(state=state.member(k)), meta,
                                    h.best['accuracy'], is_best[k],
-                                   latest=not h.has_validation)
+                                   latest=not h.selection.has_validation)
       for c in self.checkpoints:
         c.wait()
     self.run.checkpoints.save(
@@ -337,7 +337,7 @@ class Records:
                         diverged_step=int(h.rows[-1]['diverged_step']) if h.rows else -1,
                         **{k: v for k, v in summary.items() if k.startswith(
                             ('selected_', 'final_', 'epochs', 'steps'))}))
-    has_validation = self.members[0].has_validation
+    has_validation = self.members[0].selection.has_validation
     if has_validation:
       table.sort(key=lambda r: -(r.get('selected_validation_accuracy') or -1.0))
     summary = dict(selection='best_validation_accuracy' if has_validation else None,

@@ -170,7 +170,7 @@ class PopulationLogLine(LogLine):
 
   def write(self, record):
     members = record.members
-    scores = [h.best['accuracy'] if h.has_validation else -h.rows[-1]['train_loss']
+    scores = [h.best['accuracy'] if h.selection.has_validation else -h.rows[-1]['train_loss']
               for h in members]
     best = members[int(np.argmax(np.nan_to_num(scores, nan=-np.inf)))]
     diverged = sum(h.rows[-1]['diverged_step'] >= 0 for h in members)
