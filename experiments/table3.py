@@ -245,7 +245,7 @@ def main(argv):
   validation = getattr(data, 'validation', None)
   if validation is not None:  # The library may return the split apart.
     train_images += len(validation.labels)
-  epochs = config.num_epochs
+  epochs, paper = config.num_epochs, PAPER.get_config()
   decays = [b for b in config.lr_boundaries if b < epochs]
   setup = {
       'date': common.today(),
@@ -272,8 +272,9 @@ def main(argv):
           f"paper's dropout, SGD momentum {config.momentum:g}, weight decay "
           f'{config.weight_decay:g}, batch {config.batch_size}, lr '
           f'x{config.lr_decay:g} at epochs {tuple(config.lr_boundaries)}'
-          + (f" (the paper's 200, 250, 300 of 350 scaled to {epochs})"
-             if tuple(config.lr_boundaries) != (200, 250, 300) else '')
+          + (f" (the paper's {', '.join(map(str, paper.lr_boundaries))} of "
+             f'{paper.num_epochs} scaled to {epochs})'
+             if tuple(config.lr_boundaries) != tuple(paper.lr_boundaries) else '')
           + ('' if decays == list(config.lr_boundaries) else
              f' (of which {len(decays)} fall within {epochs} epochs)')
           + f', {config.init} initialization; changed for this budget: '

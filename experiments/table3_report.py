@@ -122,11 +122,11 @@ def bars(selection: dict, path: str, title: str, dataset: str) -> None:
   x = np.arange(len(networks))
   errors = [[100 * (1 - a) for a in selection[n]['grid'][
       selection[n]['learning_rate']]['test']] for n in networks]
+  means, stds = zip(*map(common.mean_std, errors))  # One seed: no std bar.
   fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(networks) + 2), 4))
   on = 'CIFAR-10' if dataset == 'cifar10' else dataset
-  ax.bar(x - 0.2, [np.mean(e) for e in errors], 0.4, color='C0',
-         yerr=[np.std(e, ddof=1) if len(e) > 1 else 0 for e in errors],
-         capsize=3, label=f'this library, {on} (mean ± std over seeds)')
+  ax.bar(x - 0.2, means, 0.4, color='C0', yerr=stds, capsize=3,
+         label=f'this library, {on} (mean ± std over seeds)')
   for i, e in enumerate(errors):
     ax.plot([x[i] - 0.2] * len(e), e, 'k.', markersize=3)
   ax.bar(x + 0.2, [PAPER.TEST_ERROR[n] for n in networks], 0.4, color='C7',
