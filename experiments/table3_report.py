@@ -39,7 +39,8 @@ def _error(accuracies) -> str:
 
 def tables(selection: dict, chance: float, margin: float,
            dataset: str) -> list[str]:
-  """The Markdown blocks: selected rates, the whole grid, the failures."""
+  """The Markdown blocks: selected rates, the whole grid, the failures,
+  and the failures per variant."""
   paper_column = ('paper, CIFAR-10 (other data: orientation only)'
                   if dataset != 'cifar10' else 'paper')
   main = [f'| network | rate (chosen on validation) | seeds | final '
@@ -82,7 +83,36 @@ def tables(selection: dict, chance: float, margin: float,
               f'most {100 * margin:.0f} points above chance in final '
               'validation accuracy. Errors are 100 - accuracy; the std is '
               'the sample std (n - 1) over seeds.')
-  return ['\n'.join(main), '\n'.join(grid), failures]
+  return ['\n'.join(main), '\n'.join(grid), failures,
+          by_variant(selection, rates)]
+
+
+def by_variant(selection: dict, rates: list[float]) -> str:
+  """Failed runs (diverged or never left chance) per variant and rate.
+
+  The first reference found the strided networks stuck more often than the
+  pooled ones; pooling the runs of a variant's networks (A, B, C) is the
+  comparison that can show it.
+  """
+  variants = [v for v in _PREFIX
+              if any(n.rsplit('_', 1)[0] == v for n in selection)]
+  lines = ['Runs that diverged or never left chance, of all runs, per '
+           "variant (its networks' runs pooled) and rate:", '',
+           '| variant | ' + ' | '.join(f'lr {lr:g}' for lr in rates)
+           + ' | all rates |', '|---|' + '---:|' * (len(rates) + 1)]
+  for variant in variants:
+    failed, total = [], []
+    for lr in rates:
+      cells = [s['grid'][lr] for n, s in selection.items()
+               if n.rsplit('_', 1)[0] == variant and lr in s['grid']]
+      failed.append(sum(len(c['diverged']) + len(c['at_chance'])
+                        for c in cells))
+      total.append(sum(len(c['seeds']) for c in cells))
+    counts = [f'{f} of {t}' for f, t in zip(failed, total)]
+    counts.append(f'{sum(failed)} of {sum(total)}')
+    name = _PREFIX[variant].rstrip(' -')
+    lines.append(f'| {name} | ' + ' | '.join(counts) + ' |')
+  return '\n'.join(lines)
 
 
 def plot(runs: list[dict], selection: dict, chance: float, path: str,
