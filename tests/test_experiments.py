@@ -114,8 +114,8 @@ def test_table3_selects_on_validation_skips_and_resumes(tmp_path):
   grid = {r[0]: r[1:] for r in rows[4:]}
   assert grid['All-CNN-A'][0].endswith('[1 d]')
   assert grid['All-CNN-A'][1].endswith('[1 c]')
-  # The failures pooled per variant (the first reference's strided-vs-pooled
-  # comparison): the diverged run at 0.1, the stuck one at 0.01.
+  # The failures pooled per variant: the diverged run at 0.1, the stuck one
+  # at 0.01.
   variants = {r[0]: r[1:] for r in rows if r[0] in ('Model', 'All-CNN')}
   assert variants == {'Model': ['0 of 2', '0 of 2', '0 of 4'],
                       'All-CNN': ['1 of 2', '1 of 2', '2 of 4']}
