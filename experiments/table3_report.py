@@ -118,7 +118,8 @@ def by_variant(selection: dict, rates: list[float]) -> str:
 
 def plot(runs: list[dict], selection: dict, chance: float, path: str,
          title: str) -> None:
-  """Mean validation accuracy per epoch per rate, one panel per network."""
+  """Validation accuracy per epoch per rate (the mean, and each seed
+  faintly), one panel per network."""
   columns = min(4, len(selection))
   rows = math.ceil(len(selection) / columns)
   fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows),
@@ -128,6 +129,12 @@ def plot(runs: list[dict], selection: dict, chance: float, path: str,
     for index, lr in enumerate(rates):
       cell = [r['rows'] for r in runs if r['network'] == network and
               math.isclose(r['learning_rate'], lr)]
+      # Each seed faintly: a mean over one stuck and two trained seeds
+      # would look like a network that plateaus at two thirds.
+      for rows in cell:
+        seed = [(r['epoch'], 100 * r['validation_accuracy']) for r in rows
+                if r.get('validation_accuracy') is not None]
+        ax.plot(*zip(*seed), color=f'C{index}', linewidth=0.6, alpha=0.35)
       epochs, means = common.mean_curve(cell, 'validation_accuracy')
       grid = chosen['grid'].get(lr, {})
       name = f'lr {lr:g}' + (f" ({len(grid['diverged'])} div.)"
@@ -143,7 +150,8 @@ def plot(runs: list[dict], selection: dict, chance: float, path: str,
     ax.legend(fontsize=6)
   for ax in axes.flat[len(selection):]:
     ax.axis('off')
-  common.save_figure(fig, path, title)
+  common.save_figure(fig, path, f'{title}\n(validation accuracy: thick the '
+                     'mean over seeds, faint each seed; the chosen rate widest)')
 
 
 def bars(selection: dict, path: str, title: str, dataset: str) -> None:
