@@ -118,8 +118,10 @@ def by_variant(selection: dict, rates: list[float]) -> str:
 
 def plot(runs: list[dict], selection: dict, chance: float, path: str,
          title: str) -> None:
-  """Validation accuracy per epoch per rate (the mean, and each seed
-  faintly), one panel per network."""
+  """Validation accuracy per epoch per rate, one panel per network.
+
+  The mean over seeds is drawn thick, each seed faintly beneath it.
+  """
   columns = min(4, len(selection))
   rows = math.ceil(len(selection) / columns)
   fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows),
